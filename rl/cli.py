@@ -1,0 +1,69 @@
+"""The `streamrl` command: run | make-model (more subcommands arrive with their features)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from rl.config import RecipeError, load_recipe
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from rl.controller import run_recipe
+    from rl.metrics import learning_summary
+
+    recipe = load_recipe(args.recipe, args.overrides)  # fails before any actor starts
+    run_dir, records = run_recipe(recipe, Path(args.run_dir) if args.run_dir else None)
+    summary = learning_summary(records)
+    print(f"\nrun directory: {run_dir}")
+    if summary:
+        print(f"reward: first 10% of steps {summary['first10']:.3f} -> last 10% {summary['last10']:.3f} "
+              f"(gain {summary['gain']:+.3f} over {summary['steps']} steps)")
+    return 0
+
+
+def _cmd_make_model(args: argparse.Namespace) -> int:
+    from rl.data import synthetic_task
+    from rl.models import make_tiny_model
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    task = synthetic_task(recipe.data)
+    if task is None:
+        raise RecipeError("make-model builds a model for a synthetic task: set data.source=synthetic:NAME")
+    path = make_tiny_model(recipe.model.tiny, task, recipe.model.cache_dir)
+    print(json.dumps({"model_dir": str(path), **json.loads((path / "streamrl_model.json").read_text())}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="streamrl", description="Asynchronous RL post-training for LLMs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a recipe on this machine (or the Ray cluster in resources.ray_address)")
+    run.add_argument("recipe", help="recipe YAML file")
+    run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.world_size=2")
+    run.add_argument("--run-dir", default=None, help="run directory (default: logging.run_dir or runs/<time>-<name>)")
+    run.set_defaults(fn=_cmd_run)
+
+    mk = sub.add_parser("make-model", help="build (or find in the cache) the warm-started tiny model of a recipe")
+    mk.add_argument("recipe", nargs="?", default=None, help="recipe YAML (default: the schema defaults)")
+    mk.add_argument("overrides", nargs="*")
+    mk.set_defaults(fn=_cmd_make_model)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except RecipeError as exc:
+        print(f"streamrl: recipe error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

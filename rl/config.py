@@ -1,0 +1,278 @@
+"""The recipe schema: typed dataclasses, loaded and merged with OmegaConf, validated before any actor starts.
+
+Every key is declared here with its default and a comment saying what it does; code reads typed attributes
+(`recipe.rollout.temperature`), never string keys with silent defaults. `load_recipe` rejects an unknown key
+by name, with the closest valid key and the valid keys of its section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class RecipeError(ValueError):
+    """A recipe or override that cannot run; the message names the key and what would be valid."""
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape and warm start of the locally built model used when `model.path` is empty."""
+
+    arch: str = "qwen2"  # qwen2 | llama
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 384
+    max_position_embeddings: int = 64
+    seed: int = 0
+    warm_start_steps: int = 800  # supervised steps on the synthetic task; 0 leaves random weights
+    warm_start_batch: int = 64
+    warm_start_lr: float = 3e-3
+    warm_start_noise: float = 0.6  # share of warm-start answers replaced by a near miss (answer +-1 or 2)
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = None  # local HF directory or hub id; empty builds the tiny model below
+    dtype: str = "float32"  # float32 | bfloat16: parameter dtype for training and generation
+    cache_dir: str = "~/.cache/streamrl/models"  # where built tiny models are cached, keyed by settings
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class ArithmeticConfig:
+    """The synthetic task `a op b =` with ground truth; reward is exact match of the answer."""
+
+    min_value: int = 0
+    max_value: int = 19
+    ops: str = "+"  # any of + - *
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic:arithmetic"  # synthetic:NAME, or a local .parquet / .jsonl file of prompts
+    prompt_key: str = "prompt"  # column holding the prompt text in a file source
+    arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
+    shuffle: bool = True  # shuffle a file source every epoch
+
+
+@dataclass
+class RolloutConfig:
+    num_engines: int = 1  # rollout workers, each owning one vLLM engine
+    tensor_parallel_size: int = 1
+    group_size: int = 8  # samples per prompt (the GRPO group)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    max_tokens: int = 8  # new tokens per sample
+    stop: list[str] = field(default_factory=list)
+    max_num_seqs: int = 256  # vLLM's cap on sequences decoded together
+    max_model_len: int = 64
+    kv_cache_gib: float = 0.25  # VLLM_CPU_KVCACHE_SPACE on CPU; ignored on GPU
+    gpu_memory_utilization: float = 0.5
+    enforce_eager: bool = True  # skip graph capture / compilation: faster start, right for tiny models
+
+
+@dataclass
+class TrainerConfig:
+    world_size: int = 1  # FSDP2 ranks, one Ray actor each
+    total_steps: int = 300  # optimizer steps (= policy versions) in the run
+    batch_groups: int = 16  # prompt groups per step; each has rollout.group_size samples
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    threads_per_rank: int = 1  # torch intra-op threads for each rank on CPU
+
+
+@dataclass
+class AlgorithmConfig:
+    eta: int = 1  # staleness bound: a sample made by version v is trained at version <= v + eta
+    advantage: str = "grpo"  # advantage estimator, see rl.algorithms.ADVANTAGES
+    std_normalize: bool = True  # GRPO: divide by the group's reward std
+    policy_loss: str = "decoupled_ppo"  # see rl.algorithms.POLICY_LOSSES
+    clip_low: float = 0.2
+    clip_high: float = 0.28  # clip-higher (DAPO); set equal to clip_low for symmetric PPO
+    behaviour_weight_cap: float = 2.0  # truncation of the proximal/behaviour importance weight
+    loss_agg: str = "token-mean"  # token-mean | seq-mean
+    kl_coef: float = 0.0  # KL penalty to the behaviour policy in the loss (0 disables)
+    kl_estimator: str = "k3"  # k1 | k2 | k3
+
+
+@dataclass
+class RewardConfig:
+    fn: str = "rl.rewards:arithmetic_exact"  # module:function or path/to/file.py:function
+    num_workers: int = 1  # reward actors
+    timeout_s: float = 10.0  # per call; a call past it is reported and scored error_score
+    error_score: float = 0.0  # score given when the function raises, times out or returns garbage
+
+
+@dataclass
+class DataStoreConfig:
+    num_storage_units: int = 1  # payload actors; rows are sharded across them by index
+
+
+@dataclass
+class ResourcesConfig:
+    device: str = "auto"  # auto | cpu | cuda
+    ray_address: Optional[str] = None  # empty starts a local Ray; "auto" joins a running cluster
+    num_cpus: Optional[int] = None  # logical CPUs for a local Ray (default: enough for every actor)
+    wait_timeout_s: float = 300.0  # every blocking wait (actor calls, store gets, syncs) gives up after this
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = ""  # empty: runs/<date>-<time>-<name>
+    name: str = "run"
+    progress: bool = True  # a progress bar on the console
+    jsonl: bool = True  # metrics.jsonl in the run directory (always on for the console summary)
+
+
+@dataclass
+class Recipe:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    datastore: DataStoreConfig = field(default_factory=DataStoreConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.tiny.arch": ("qwen2", "llama"),
+    "model.dtype": ("float32", "bfloat16"),
+    "resources.device": ("auto", "cpu", "cuda"),
+    "algorithm.loss_agg": ("token-mean", "seq-mean"),
+    "algorithm.kl_estimator": ("k1", "k2", "k3"),
+}
+
+
+def _schema_keys(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Flat map of dotted key -> field type for a dataclass tree (sections map to their class)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        ftype = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if isinstance(ftype, type) and dataclasses.is_dataclass(ftype):
+            out[key] = ftype
+            out.update(_schema_keys(ftype, key + "."))
+        else:
+            out[key] = f.type
+    return out
+
+
+SCHEMA_KEYS = _schema_keys(Recipe)
+
+
+def _check_keys(tree: Any, prefix: str, origin: str) -> None:
+    """Raise RecipeError on the first key of `tree` that the schema does not declare."""
+    if not isinstance(tree, dict):
+        return
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if dotted not in SCHEMA_KEYS:
+            siblings = sorted(k[len(prefix):] for k in SCHEMA_KEYS if k.startswith(prefix) and "." not in k[len(prefix):])
+            close = difflib.get_close_matches(dotted, list(SCHEMA_KEYS), n=1, cutoff=0.6)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            section = prefix.rstrip(".") or "the top level"
+            raise RecipeError(
+                f"Unknown recipe key '{dotted}' (from {origin}).{hint} Valid keys in {section}: {', '.join(siblings)}"
+            )
+        section_cls = SCHEMA_KEYS[dotted]
+        if isinstance(section_cls, type) and dataclasses.is_dataclass(section_cls):
+            if not isinstance(value, dict):
+                raise RecipeError(f"Recipe key '{dotted}' is a section; got the value {value!r} (from {origin})")
+            _check_keys(value, dotted + ".", origin)
+
+
+def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Schema defaults <- YAML file <- `a.b=c` overrides, validated; returns a typed Recipe."""
+    layers: list[DictConfig] = []
+    if path is not None:
+        if not Path(path).exists():
+            raise RecipeError(f"Recipe file not found: {path}")
+        raw = OmegaConf.load(path)
+        _check_keys(OmegaConf.to_container(raw), "", str(path))
+        layers.append(raw)
+    if overrides:
+        for item in overrides:
+            if "=" not in item:
+                raise RecipeError(f"Override {item!r} is not of the form key=value (e.g. rollout.temperature=0.7)")
+        dot = OmegaConf.from_dotlist(list(overrides))
+        _check_keys(OmegaConf.to_container(dot), "", "command-line overrides")
+        layers.append(dot)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Recipe), *layers)
+        recipe: Recipe = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise RecipeError(f"Recipe key '{key}': {exc.msg if hasattr(exc, 'msg') else exc}") from None
+    validate(recipe)
+    return recipe
+
+
+def validate(recipe: Recipe) -> None:
+    """Checks that types alone cannot express; each error names the key and what would be valid."""
+    from rl.algorithms import ADVANTAGES, POLICY_LOSSES
+
+    flat = {k: _get(recipe, k) for k in CHOICES}
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise RecipeError(f"Recipe key '{key}' = {flat[key]!r}; valid values: {', '.join(allowed)}")
+    if recipe.algorithm.advantage not in ADVANTAGES:
+        raise RecipeError(f"Recipe key 'algorithm.advantage' = {recipe.algorithm.advantage!r}; valid: {', '.join(ADVANTAGES)}")
+    if recipe.algorithm.policy_loss not in POLICY_LOSSES:
+        raise RecipeError(
+            f"Recipe key 'algorithm.policy_loss' = {recipe.algorithm.policy_loss!r}; valid: {', '.join(POLICY_LOSSES)}"
+        )
+    positive = [
+        "rollout.num_engines", "rollout.tensor_parallel_size", "rollout.group_size", "rollout.max_tokens",
+        "trainer.world_size", "trainer.total_steps", "trainer.batch_groups", "reward.num_workers",
+        "datastore.num_storage_units", "resources.wait_timeout_s", "reward.timeout_s",
+    ]
+    for key in positive:
+        if not _get(recipe, key) > 0:
+            raise RecipeError(f"Recipe key '{key}' must be > 0; got {_get(recipe, key)!r}")
+    if recipe.algorithm.eta < 0:
+        raise RecipeError(f"Recipe key 'algorithm.eta' must be >= 0; got {recipe.algorithm.eta}")
+    if recipe.trainer.batch_groups % recipe.trainer.world_size:
+        raise RecipeError(
+            f"Recipe key 'trainer.batch_groups' = {recipe.trainer.batch_groups} must be a multiple of "
+            f"'trainer.world_size' = {recipe.trainer.world_size} (each rank trains whole groups)"
+        )
+    if recipe.rollout.temperature <= 0:
+        raise RecipeError("Recipe key 'rollout.temperature' must be > 0 for RL (sampling, not greedy)")
+    if not 0 < recipe.rollout.top_p <= 1:
+        raise RecipeError(f"Recipe key 'rollout.top_p' must be in (0, 1]; got {recipe.rollout.top_p}")
+    if ":" not in recipe.reward.fn:
+        raise RecipeError(f"Recipe key 'reward.fn' = {recipe.reward.fn!r} must be 'module:function' or 'file.py:function'")
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def to_yaml(recipe: Recipe) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+
+
+def resolve_run_dir(recipe: Recipe) -> Path:
+    """The run directory: `logging.run_dir`, or runs/<date>-<time>-<name> when empty."""
+    if recipe.logging.run_dir:
+        return Path(os.path.expanduser(recipe.logging.run_dir))
+    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{recipe.logging.name}"

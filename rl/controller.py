@@ -1,0 +1,206 @@
+"""The single controller: builds the actors, then runs the staleness-bounded asynchronous schedule.
+
+    feeder (background): while the budget allows, draw prompts and start groups on rollout workers
+    reward workers (background): score finished samples as they stream into the store
+    loop: train a step on B ready groups -> push the new weights to every engine -> log
+
+Rollout never waits for training and training never waits for the slowest rollout; only the staleness
+budget (rl.staleness) holds the feeder back. Every sample carries the policy version that made it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from datastore.client import DataStore
+from rl.config import Recipe, resolve_run_dir, to_yaml
+from rl.data import PromptStream, row_to_json, synthetic_task
+from rl.metrics import MetricsLogger, learning_summary, read_metrics
+from rl.models import load_tokenizer, resolve_model_path
+from rl.reward_worker import READ_FIELDS, WRITE_FIELDS, RewardActor
+from rl.staleness import StalenessBudget
+from rl.waits import await_, wait
+from rollout.worker import SAMPLE_FIELDS, GroupRequest, RolloutActor
+from trainer.group import TrainerGroup
+
+log = logging.getLogger(__name__)
+
+PARTITION = "train"
+QUIET_ENV = {"VLLM_LOGGING_LEVEL": "ERROR", "TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "1"}
+
+
+def pick_device(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Controller:
+    def __init__(self, recipe: Recipe, run_dir: Path | None = None) -> None:
+        self.recipe = recipe
+        self.run_dir = Path(run_dir) if run_dir else resolve_run_dir(recipe)
+        self.device = pick_device(recipe.resources.device)
+        self.timeout = recipe.resources.wait_timeout_s
+        self.version = 0
+        self.budget = StalenessBudget(recipe.trainer.batch_groups, recipe.algorithm.eta)
+        self.wake = asyncio.Event()
+        self.inflight: dict[int, int] = {}  # rollout worker rank -> groups running there
+        self.group_tasks: set[asyncio.Task] = set()
+        self.feeder_error: BaseException | None = None
+
+    # ------------------------------------------------------------------ build
+    def build(self) -> None:
+        r = self.recipe
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(to_yaml(r))
+        self.task = synthetic_task(r.data)
+        self.model_path = resolve_model_path(r.model, self.task)
+        self.tokenizer = load_tokenizer(self.model_path)
+        self.prompts = PromptStream(r.data, r.seed)
+        if not ray.is_initialized():
+            needed = r.rollout.num_engines + r.trainer.world_size + 1
+            ray.init(address=r.resources.ray_address,
+                     num_cpus=None if r.resources.ray_address else (r.resources.num_cpus or max(needed, os.cpu_count() or 1)),
+                     include_dashboard=False, runtime_env={"env_vars": QUIET_ENV}, log_to_driver=True)
+        self.store = DataStore.create(r.datastore.num_storage_units, tag_fields=["version"],
+                                      declared_fields=SAMPLE_FIELDS + WRITE_FIELDS, timeout_s=self.timeout)
+        self.rollouts = [RolloutActor.options(num_gpus=r.rollout.tensor_parallel_size if self.device == "cuda" else 0)
+                         .remote(i, self.model_path, r.rollout, self.store, PARTITION, r.model.dtype, self.device,
+                                 r.seed, self.timeout) for i in range(r.rollout.num_engines)]
+        self.rewarders = [RewardActor.remote(i, r.reward, self.store, PARTITION) for i in range(r.reward.num_workers)]
+        self.trainer = TrainerGroup(r, self.model_path, self.store, PARTITION, self.device)
+        started = wait([w.start.remote() for w in self.rollouts], self.timeout, "vLLM engine start",
+                       f"rollout workers 0..{len(self.rollouts) - 1}")
+        log.info("rollout engines started: %s", started)
+        log.info("trainer ranks ready: %s", self.trainer.setup())
+        self.inflight = {i: 0 for i in range(len(self.rollouts))}
+
+    # ------------------------------------------------------------------ rollout feeding
+    async def _feed(self) -> None:
+        """Start groups whenever the staleness budget has room; never waits for training."""
+        n = self.recipe.rollout.group_size
+        try:
+            while True:
+                cap = self.budget.capacity(self.version)
+                for row in self.prompts.take(cap):
+                    group = self.budget.submitted
+                    self.budget.on_submit()
+                    ids = self.tokenizer(row["prompt"])["input_ids"]
+                    req = GroupRequest(group=group, prompt=row["prompt"], prompt_ids=ids, row=row_to_json(row), n=n)
+                    worker = min(self.inflight, key=lambda k: self.inflight[k])
+                    task = asyncio.create_task(self._run_group(worker, req))
+                    self.group_tasks.add(task)
+                    task.add_done_callback(self.group_tasks.discard)
+                self.wake.clear()
+                await self.wake.wait()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self.feeder_error = exc
+            raise
+
+    async def _run_group(self, worker: int, req: GroupRequest) -> None:
+        self.inflight[worker] += 1
+        try:
+            await await_(self.rollouts[worker].generate_group.remote(req), self.timeout,
+                         f"group {req.group} ({req.n} samples)", f"rollout worker {worker}")
+        except BaseException as exc:
+            self.feeder_error = exc
+            raise
+        finally:
+            self.inflight[worker] -= 1
+            self.budget.on_finish()
+            self.wake.set()
+
+    # ------------------------------------------------------------------ the loop
+    async def _sync_weights(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        handle = await self.trainer.send_weights()
+        t1 = time.perf_counter()
+        res = await await_([w.update_weights.remote(handle) for w in self.rollouts], self.timeout,
+                           f"weight update to version {handle.version}", f"rollout workers 0..{len(self.rollouts) - 1}")
+        await self.trainer.release_weights(handle)
+        return {"sync/gather_s": t1 - t0, "sync/load_s": max(x["seconds"] for x in res),
+                "sync/total_s": time.perf_counter() - t0, "sync/bytes": float(handle.nbytes)}
+
+    async def run_async(self) -> list[dict[str, Any]]:
+        r = self.recipe
+        total = r.trainer.total_steps
+        metrics = MetricsLogger(self.run_dir, total, progress=r.logging.progress, jsonl=r.logging.jsonl)
+        feeder = asyncio.create_task(self._feed())
+        reward_runs = [w.run.remote() for w in self.rewarders]
+        records = []
+        last_t, last_tokens = time.time(), 0
+        try:
+            for step in range(total):
+                with metrics.phase("train"):
+                    m = await self._train_or_fail(step, feeder)
+                self.budget.on_drop(int(m.get("staleness/dropped_groups", 0)))
+                with metrics.phase("sync"):
+                    m.update(await self._sync_weights())
+                self.version = step + 1
+                self.wake.set()
+                now = time.time()
+                stats = await await_([w.stats.remote() for w in self.rollouts], self.timeout, "stats", "rollout workers")
+                tokens = sum(s["tokens_out"] for s in stats)
+                m["throughput/samples_per_s"] = m["samples"] / max(now - last_t, 1e-9)
+                m["throughput/gen_tokens_per_s"] = (tokens - last_tokens) / max(now - last_t, 1e-9)
+                m["rollout/groups_running"] = self.budget.running
+                m["rollout/groups_started"] = self.budget.submitted
+                last_t, last_tokens = now, tokens
+                records.append(metrics.log(step, m))
+        finally:
+            feeder.cancel()
+            for t in list(self.group_tasks):
+                t.cancel()
+            for w in self.rewarders:
+                w.stop.remote()
+            metrics.close()
+        summary = learning_summary(records)
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return records
+
+    async def _train_or_fail(self, step: int, feeder: asyncio.Task) -> dict[str, Any]:
+        """A train step, unless the feeder fails first: then its error is the one raised."""
+        train = asyncio.ensure_future(self.trainer.train_step(step))
+        while True:
+            done, _ = await asyncio.wait({train}, timeout=1.0)
+            if done:
+                return train.result()
+            if self.feeder_error is not None:
+                train.cancel()
+                raise RuntimeError(f"rollout failed while training step {step} waited: {self.feeder_error}") \
+                    from self.feeder_error
+
+    def run(self) -> list[dict[str, Any]]:
+        return asyncio.run(self.run_async())
+
+    def shutdown(self) -> None:
+        for w in self.rollouts:
+            try:
+                wait(w.shutdown.remote(), 60, "engine shutdown", "a rollout worker")
+            except Exception:
+                pass
+        self.trainer.shutdown()
+
+
+def run_recipe(recipe: Recipe, run_dir: Path | None = None) -> tuple[Path, list[dict[str, Any]]]:
+    """Build, run and tear down; returns the run directory and every step's metrics."""
+    ctl = Controller(recipe, run_dir)
+    ctl.build()
+    try:
+        records = ctl.run()
+    finally:
+        ctl.shutdown()
+    return ctl.run_dir, records

@@ -1,0 +1,123 @@
+"""Prompt sources: synthetic verifiable tasks and local parquet / jsonl files.
+
+A source yields rows: dicts with a `prompt` string and any other fields of the dataset (ground truth and
+the like), which travel with the sample to the reward function as `sample.row`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Protocol
+
+from rl.config import ArithmeticConfig, DataConfig, RecipeError
+
+
+class SyntheticTask(Protocol):
+    name: str
+
+    def rows(self, n: int, seed: int) -> list[dict]: ...
+
+    def describe(self) -> dict: ...
+
+
+@dataclass
+class ArithmeticTask:
+    """`a op b =` with the exact answer as ground truth: short, verifiable, learnable by a tiny model."""
+
+    cfg: ArithmeticConfig
+    name: str = "arithmetic"
+
+    def __post_init__(self) -> None:
+        bad = set(self.cfg.ops) - set("+-*")
+        if bad or not self.cfg.ops:
+            raise RecipeError(f"data.arithmetic.ops = {self.cfg.ops!r}: use characters from '+-*'")
+        if self.cfg.min_value > self.cfg.max_value:
+            raise RecipeError("data.arithmetic.min_value must be <= data.arithmetic.max_value")
+
+    def row(self, rng: random.Random) -> dict:
+        a = rng.randint(self.cfg.min_value, self.cfg.max_value)
+        b = rng.randint(self.cfg.min_value, self.cfg.max_value)
+        op = rng.choice(self.cfg.ops)
+        answer = {"+": a + b, "-": a - b, "*": a * b}[op]
+        return {"prompt": f"{a}{op}{b}=", "answer": str(answer)}
+
+    def rows(self, n: int, seed: int) -> list[dict]:
+        rng = random.Random(seed)
+        return [self.row(rng) for _ in range(n)]
+
+    def describe(self) -> dict:
+        return {"name": self.name, **asdict(self.cfg)}
+
+
+SYNTHETIC_TASKS = {"arithmetic": lambda cfg: ArithmeticTask(cfg.arithmetic)}
+
+
+def synthetic_task(cfg: DataConfig) -> SyntheticTask | None:
+    """The synthetic task named by `data.source = synthetic:NAME`, or None for a file source."""
+    if not cfg.source.startswith("synthetic:"):
+        return None
+    name = cfg.source.split(":", 1)[1]
+    if name not in SYNTHETIC_TASKS:
+        raise RecipeError(f"data.source = {cfg.source!r}: unknown synthetic task; valid: "
+                          + ", ".join(f"synthetic:{k}" for k in SYNTHETIC_TASKS))
+    return SYNTHETIC_TASKS[name](cfg)
+
+
+def read_prompt_file(path: str | Path, prompt_key: str = "prompt") -> list[dict]:
+    """All rows of a local .parquet or .jsonl file; the prompt column is renamed to `prompt`."""
+    import pyarrow.json as paj
+    import pyarrow.parquet as pq
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise RecipeError(f"data.source = {str(path)!r}: file not found")
+    if p.suffix == ".parquet":
+        table = pq.read_table(p)
+    elif p.suffix in (".jsonl", ".json"):
+        table = paj.read_json(p)
+    else:
+        raise RecipeError(f"data.source = {str(path)!r}: use a .parquet or .jsonl file, or synthetic:NAME")
+    if prompt_key not in table.column_names:
+        raise RecipeError(f"data.prompt_key = {prompt_key!r} is not a column of {p}; columns: {', '.join(table.column_names)}")
+    rows = table.to_pylist()
+    for row in rows:
+        row["prompt"] = row.pop(prompt_key)
+    if not rows:
+        raise RecipeError(f"data.source = {str(path)!r} holds no rows")
+    return rows
+
+
+class PromptStream:
+    """An endless, reproducible stream of rows; its position (rows drawn) is all a resume needs."""
+
+    def __init__(self, cfg: DataConfig, seed: int) -> None:
+        self.cfg, self.seed, self.drawn = cfg, seed, 0
+        self.task = synthetic_task(cfg)
+        self._rows = None if self.task is not None else read_prompt_file(cfg.source, cfg.prompt_key)
+
+    def _row_at(self, i: int) -> dict:
+        if self.task is not None:
+            return self.task.rows(1, seed=hash((self.seed, i)) & 0x7FFFFFFF)[0]
+        assert self._rows is not None
+        epoch, pos = divmod(i, len(self._rows))
+        order = list(range(len(self._rows)))
+        if self.cfg.shuffle:
+            random.Random(hash((self.seed, epoch)) & 0x7FFFFFFF).shuffle(order)
+        return dict(self._rows[order[pos]])
+
+    def take(self, n: int) -> list[dict]:
+        out = [self._row_at(self.drawn + k) for k in range(n)]
+        self.drawn += n
+        return out
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            yield self.take(1)[0]
+
+
+def row_to_json(row: dict) -> str:
+    """The dataset fields of a row (all but the prompt) as JSON, as stored beside the sample."""
+    return json.dumps({k: v for k, v in row.items() if k != "prompt"}, default=str)

@@ -1,0 +1,69 @@
+"""RewardWorker: a CPU Ray actor that scores finished samples as they stream through the data store.
+
+It takes whatever finished samples are ready (up to a batch), scores each with the user's function
+(concurrently, each call with its own timeout), and writes `reward` and `reward_info` back to the rows.
+Several workers share the consumer name "reward", so each sample is scored once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+import ray
+
+from datastore.client import DataStore
+from rl.config import RewardConfig
+from rl.rewards import RewardCaller, Sample, load_reward_fn
+
+log = logging.getLogger(__name__)
+
+READ_FIELDS = ["prompt", "response", "prompt_ids", "response_ids", "row", "finish_reason"]
+WRITE_FIELDS = ["reward", "reward_info"]
+CONSUMER = "reward"
+
+
+class RewardWorker:
+    def __init__(self, rank: int, cfg: RewardConfig, store: DataStore, partition: str, batch: int = 64) -> None:
+        self.rank, self.cfg, self.store, self.partition, self.batch = rank, cfg, store, partition, batch
+        self.caller = RewardCaller(load_reward_fn(cfg.fn), cfg.timeout_s, cfg.error_score)
+        self.stopping = False
+        self.scored = 0
+        self.errors = 0
+        self.busy_s = 0.0
+
+    async def run(self) -> dict[str, Any]:
+        """Score samples until `stop()`; returns totals."""
+        while not self.stopping:
+            take = await self.store.atake(CONSUMER, self.partition, READ_FIELDS, self.batch, min_n=1, timeout=1.0)
+            if take is None:
+                continue
+            t0 = time.perf_counter()
+            table = await self.store.afetch(self.partition, take, READ_FIELDS)
+            rows = table.to_pylist()
+            results = await asyncio.gather(*[self.caller.score(_sample(r)) for r in rows])
+            info = [json.dumps({"error": s.error, **s.extras}) if (s.error or s.extras) else "" for s in results]
+            await self.store.aput(self.partition, [r["index"] for r in rows],
+                                  {"reward": [float(s.score) for s in results], "reward_info": info})
+            self.scored += len(rows)
+            self.errors += sum(1 for s in results if s.error)
+            self.busy_s += time.perf_counter() - t0
+        return await self.stats()
+
+    async def stop(self) -> None:
+        self.stopping = True
+
+    async def stats(self) -> dict[str, Any]:
+        return {"rank": self.rank, "scored": self.scored, "errors": self.errors, "busy_s": self.busy_s}
+
+
+def _sample(r: dict[str, Any]) -> Sample:
+    return Sample(prompt=r["prompt"], response=r["response"], prompt_ids=r["prompt_ids"],
+                  response_ids=r["response_ids"], row=json.loads(r["row"]) if r["row"] else {},
+                  index=r["index"], finish_reason=r["finish_reason"])
+
+
+RewardActor = ray.remote(num_cpus=0, max_concurrency=100)(RewardWorker)

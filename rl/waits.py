@@ -1,0 +1,56 @@
+"""Every blocking wait in streamrl goes through here, so none can hang silently.
+
+`wait(...)` and `await_(...)` take the thing awaited, a timeout, and words for *what* is awaited and
+*from whom*; on expiry they raise `WaitTimeout` naming both and the time waited. A dead actor becomes
+`PeerDied` naming who died while we waited for what.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+
+class WaitTimeout(TimeoutError):
+    """A blocking wait expired; the message names what was awaited, from whom, and for how long."""
+
+
+class PeerDied(RuntimeError):
+    """The actor we were waiting on died."""
+
+
+def _timeout_msg(what: str, whom: str, seconds: float, hint: str = "") -> str:
+    msg = f"Timed out after {seconds:.1f} s waiting for {what} from {whom}"
+    return msg + (f". {hint}" if hint else "")
+
+
+def wait(refs: Any, timeout: float, what: str, whom: str, hint: str = "") -> Any:
+    """`ray.get` with a timeout whose error says what was awaited from whom."""
+    t0 = time.monotonic()
+    try:
+        return ray.get(refs, timeout=timeout)
+    except GetTimeoutError:
+        raise WaitTimeout(_timeout_msg(what, whom, time.monotonic() - t0, hint)) from None
+    except RayActorError as exc:
+        raise PeerDied(f"{whom} died while we waited for {what}: {exc}") from exc
+
+
+async def await_(aw: Any, timeout: float, what: str, whom: str, hint: str = "") -> Any:
+    """Await an ObjectRef, coroutine or future with a timeout whose error says what and from whom."""
+    t0 = time.monotonic()
+    try:
+        return await asyncio.wait_for(_as_awaitable(aw), timeout)
+    except asyncio.TimeoutError:
+        raise WaitTimeout(_timeout_msg(what, whom, time.monotonic() - t0, hint)) from None
+    except RayActorError as exc:
+        raise PeerDied(f"{whom} died while we waited for {what}: {exc}") from exc
+
+
+def _as_awaitable(aw: Any) -> Any:
+    if isinstance(aw, list):
+        return asyncio.gather(*aw)
+    return aw

@@ -1,0 +1,224 @@
+"""RolloutWorker: a Ray actor that owns one vLLM async engine and streams finished samples to the store.
+
+Token in, token out: prompts arrive as token ids, samples leave as token ids with the engine's per-token
+logprobs and the policy version of every token. Each sample is written to the data store the moment it
+finishes; there is no batch barrier. A weight update pauses the engine between steps, loads, and resumes:
+unfinished requests keep their tokens and continue on the new weights (AReaL's interruptible rollout),
+and the per-token versions show where the switch happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import ray
+
+from datastore.client import DataStore
+from rl.config import RolloutConfig
+from rl.transport import WeightHandle
+from rl.waits import await_
+
+log = logging.getLogger(__name__)
+
+#: the fields a rollout worker writes for every sample (the store's schema for them)
+SAMPLE_FIELDS = [
+    "group", "sample", "prompt", "prompt_ids", "response", "response_ids", "logprobs", "token_versions",
+    "version", "finish_reason", "row", "worker", "gen_seconds",
+]
+
+
+@dataclass
+class GroupRequest:
+    """One prompt to be sampled `n` times; sample j of group g is row g * n + j of the partition."""
+
+    group: int
+    prompt: str
+    prompt_ids: list[int]
+    row: str  # the dataset row's other fields, as JSON
+    n: int
+
+
+def engine_env(cfg: RolloutConfig, device: str) -> dict[str, str]:
+    """Environment the engine process needs (it inherits the actor's)."""
+    env = {"VLLM_ALLOW_INSECURE_SERIALIZATION": "0", "TOKENIZERS_PARALLELISM": "false"}
+    if device == "cpu":
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(cfg.kv_cache_gib))))
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"))
+    else:
+        env["VLLM_USE_FLASHINFER_SAMPLER"] = os.environ.get("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    return env
+
+
+class RolloutWorker:
+    def __init__(self, rank: int, model_path: str, cfg: RolloutConfig, store: DataStore, partition: str,
+                 dtype: str = "float32", device: str = "cpu", seed: int = 0, timeout_s: float = 300.0) -> None:
+        self.rank, self.model_path, self.cfg, self.store, self.partition = rank, model_path, cfg, store, partition
+        self.dtype, self.device, self.seed, self.timeout_s = dtype, device, seed, timeout_s
+        self.version = 0
+        self.engine: Any = None
+        self.inflight = 0
+        self.tokens_out = 0
+        self.samples_out = 0
+        self.update_lock = asyncio.Lock()
+        self.pending: list[tuple[int, dict[str, Any], asyncio.Future]] = []
+        self.flusher: asyncio.Task | None = None
+        self.events: list[dict] = []  # (kind, start, end) activity spans for the timeline
+
+    async def start(self) -> dict[str, Any]:
+        """Build the engine; returns how long that took."""
+        os.environ.update(engine_env(self.cfg, self.device))
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        t0 = time.perf_counter()
+        args = AsyncEngineArgs(
+            model=self.model_path,
+            tensor_parallel_size=self.cfg.tensor_parallel_size,
+            dtype=self.dtype,
+            max_model_len=self.cfg.max_model_len,
+            max_num_seqs=self.cfg.max_num_seqs,
+            enforce_eager=self.cfg.enforce_eager,
+            seed=self.seed + self.rank,
+            gpu_memory_utilization=self.cfg.gpu_memory_utilization,
+            worker_extension_cls="rollout.engine_ext.StreamRLWorkerExtension",
+            logprobs_mode="processed_logprobs",
+            enable_prefix_caching=False,
+            disable_log_stats=True,
+        )
+        self.engine = AsyncLLM.from_engine_args(args)
+        await self.engine.update_weight_version(str(self.version))
+        return {"rank": self.rank, "start_seconds": time.perf_counter() - t0, "pid": os.getpid()}
+
+    def _sampling_params(self, seed: int | None):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        c = self.cfg
+        return SamplingParams(
+            n=1, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k if c.top_k > 0 else 0,
+            max_tokens=c.max_tokens, stop=list(c.stop) or None, logprobs=0, seed=seed,
+            output_kind=RequestOutputKind.FINAL_ONLY, skip_special_tokens=True,
+        )
+
+    async def _one(self, req: GroupRequest, j: int) -> dict[str, Any]:
+        index = req.group * req.n + j
+        start_version = self.version
+        t0 = time.perf_counter()
+        final = None
+        gen = self.engine.generate({"prompt_token_ids": list(req.prompt_ids)},
+                                   self._sampling_params(self.seed * 1_000_003 + index),
+                                   request_id=f"g{req.group}-s{j}-{uuid.uuid4().hex[:8]}")
+        async for out in gen:
+            final = out
+        assert final is not None
+        comp = final.outputs[0]
+        ids = list(comp.token_ids)
+        logprobs = [float(step[tok].logprob) for tok, step in zip(ids, comp.logprobs or [])]
+        versions = _token_versions(comp, len(ids), start_version)
+        row = {
+            "group": req.group, "sample": j, "prompt": req.prompt, "prompt_ids": list(req.prompt_ids),
+            "response": comp.text, "response_ids": ids, "logprobs": logprobs, "token_versions": versions,
+            "version": min(versions) if versions else start_version, "finish_reason": comp.finish_reason or "",
+            "row": req.row, "worker": self.rank, "gen_seconds": time.perf_counter() - t0,
+        }
+        await self._put(index, row)
+        self.tokens_out += len(ids)
+        self.samples_out += 1
+        return row
+
+    async def _put(self, index: int, row: dict[str, Any]) -> None:
+        """Send a finished sample to the store at once; samples finishing while a put is under way go
+        together in the next put (no timer, so an idle worker adds no latency)."""
+        done = asyncio.get_running_loop().create_future()
+        self.pending.append((index, row, done))
+        if self.flusher is None or self.flusher.done():
+            self.flusher = asyncio.create_task(self._flush())
+        await done
+
+    async def _flush(self) -> None:
+        while self.pending:
+            batch, self.pending = self.pending, []
+            try:
+                await self.store.aput(self.partition, [i for i, _, _ in batch],
+                                      {k: [r[k] for _, r, _ in batch] for k in SAMPLE_FIELDS})
+            except BaseException as exc:  # the waiting samples see the error
+                for _, _, done in batch:
+                    done.set_exception(exc)
+                continue
+            for _, _, done in batch:
+                done.set_result(None)
+
+    async def generate_group(self, req: GroupRequest) -> dict[str, Any]:
+        """Sample the group; each sample goes to the store when it finishes. Returns a small summary."""
+        self.inflight += req.n
+        try:
+            rows = await asyncio.gather(*[self._one(req, j) for j in range(req.n)])
+        finally:
+            self.inflight -= req.n
+        return {"group": req.group, "tokens": sum(len(r["response_ids"]) for r in rows),
+                "versions": [r["version"] for r in rows]}
+
+    async def update_weights(self, handle: WeightHandle) -> dict[str, Any]:
+        """Pause between engine steps, load the new weights, resume; in-flight requests continue."""
+        async with self.update_lock:
+            t0 = time.perf_counter()
+            await self.engine.pause_generation(mode="keep", clear_cache=False)
+            try:
+                res = await await_(self.engine.collective_rpc("streamrl_load_weights", args=(asdict(handle),)),
+                                   self.timeout_s, f"weight load of version {handle.version}",
+                                   f"rollout worker {self.rank}'s vLLM engine")
+                await self.engine.update_weight_version(str(handle.version))
+                self.version = handle.version
+            finally:
+                await self.engine.resume_generation()
+            t1 = time.perf_counter()
+            self.events.append({"kind": "load_weights", "start": time.time() - (t1 - t0), "end": time.time()})
+            return {"rank": self.rank, "seconds": t1 - t0, "load_seconds": max(r["seconds"] for r in res)}
+
+    async def prompt_logprobs(self, token_ids: list[int]) -> list[float | None]:
+        """The engine's logprob of each token of `token_ids` given the tokens before it (None for the
+        first): the engine's view of a fixed sequence, to compare with the trainer's."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, detokenize=False)
+        final = None
+        async for out in self.engine.generate({"prompt_token_ids": list(token_ids)}, params,
+                                              request_id=f"plp-{uuid.uuid4().hex[:8]}"):
+            final = out
+        out = []
+        for tok, step in zip(token_ids, final.prompt_logprobs):
+            out.append(None if step is None else float(step[tok].logprob))
+        return out
+
+    async def weight_digest(self) -> str:
+        return (await self.engine.collective_rpc("streamrl_weight_digest"))[0]
+
+    async def stats(self) -> dict[str, Any]:
+        return {"rank": self.rank, "version": self.version, "inflight": self.inflight,
+                "tokens_out": self.tokens_out, "samples_out": self.samples_out}
+
+    async def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+
+def _token_versions(comp: Any, n: int, fallback: int) -> list[int]:
+    """Per-token policy versions from vLLM's weight-version spans (or the start version without them)."""
+    spans = getattr(comp, "weight_versions", None)
+    if not spans:
+        return [fallback] * n
+    out = [fallback] * n
+    for span in spans:
+        for k in range(span.start, min(span.end, n)):
+            out[k] = int(span.version)
+    return out
+
+
+RolloutActor = ray.remote(num_cpus=1, max_concurrency=10_000)(RolloutWorker)

@@ -27,7 +27,7 @@ class RecipeError(ValueError):
 class TinyModelConfig:
     """Shape and warm start of the locally built model used when `model.path` is empty."""
 
-    arch: str = "qwen2"  # qwen2 | llama
+    arch: str = "llama"  # llama | qwen2 (transformers 5 swaps in its own Qwen2Tokenizer for qwen2, which drops spaces of the char tokenizer)
     hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 4

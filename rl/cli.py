@@ -1,4 +1,4 @@
-"""The `streamrl` command: run | make-model (more subcommands arrive with their features)."""
+"""The `streamrl` command: run | make-model | bench (more subcommands arrive with their features)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,12 @@ def _cmd_make_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from rl.bench import main as bench_main
+
+    return bench_main(args.name, args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="streamrl", description="Asynchronous RL post-training for LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -52,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("recipe", nargs="?", default=None, help="recipe YAML (default: the schema defaults)")
     mk.add_argument("overrides", nargs="*")
     mk.set_defaults(fn=_cmd_make_model)
+
+    bench = sub.add_parser("bench", help="run a benchmark: prints a table and one JSON line (see rl/bench)")
+    bench.add_argument("name", help="benchmark name, e.g. datastore")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own options (--help for them)")
+    bench.set_defaults(fn=_cmd_bench)
     return p
 
 

@@ -2,17 +2,33 @@
 
 Shapes: B samples, T response tokens (right-padded), `mask` is 1 on tokens that count in the loss.
 Groups are given by `group_ids` (B,): samples of one prompt share an id.
+
+Three registries, each a dict from the recipe's name to a function:
+- `ADVANTAGES` (`algorithm.advantage`): `fn(AdvantageInputs, AdvantageConfig, reduce) -> Advantages`.
+  `reduce` sums a tensor over every trainer rank (identity on one rank) for estimators that normalise over
+  the global batch (REINFORCE++, whitened GAE); group estimators never need it because a rank holds whole
+  groups. `needs_values(name)` says whether an estimator wants a critic.
+- `POLICY_LOSSES` (`algorithm.policy_loss`): `fn(LossInputs, LossConfig, denom) -> (loss, stats)`.
+- KL estimators k1/k2/k3 (`kl_estimate`), usable in the loss (`kl_coef`) or as reward shaping
+  (`kl_reward_coef` -> `kl_token_rewards`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over every trainer rank
+Stats = dict[str, torch.Tensor]  # 0-dim detached tensors: a loss's diagnostics, read without a device sync
 
-# ---------------------------------------------------------------- advantages (one scalar per sample)
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+# ---------------------------------------------------------------- outcome advantages (one scalar per sample)
 
 def _group_stats(rewards: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample mean, unbiased std and size of the sample's group."""
@@ -44,7 +60,164 @@ def rloo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, std_normaliz
     return torch.where(n > 1, rewards - loo, torch.zeros_like(rewards))
 
 
-ADVANTAGES: dict[str, Callable[..., torch.Tensor]] = {"grpo": grpo_advantages, "rloo": rloo_advantages}
+# ---------------------------------------------------------------- token rewards, returns, GAE
+
+def outcome_token_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) token rewards holding each sample's outcome reward on its last counted token, zero elsewhere.
+    A sample with no counted token gets nothing."""
+    t = mask.shape[1]
+    pos = torch.arange(t, device=mask.device).expand_as(mask)
+    last = torch.where(mask > 0, pos, torch.full_like(pos, -1)).max(dim=1).values  # (B,), -1 if none
+    out = torch.zeros_like(mask, dtype=rewards.dtype)
+    rows = torch.nonzero(last >= 0).squeeze(-1)
+    out[rows, last[rows]] = rewards[rows]
+    return out
+
+
+def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """G_t = r_t + gamma * G_{t+1} over the counted tokens of each row (masked tokens are skipped: a
+    tool turn inside a response passes the return through undiscounted and earns nothing itself)."""
+    out = torch.zeros_like(token_rewards)
+    running = torch.zeros_like(token_rewards[:, 0])
+    for t in reversed(range(token_rewards.shape[1])):
+        m = mask[:, t]
+        running = torch.where(m > 0, token_rewards[:, t] + gamma * running, running)
+        out[:, t] = running * m
+    return out
+
+
+def gae(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over the counted tokens of each row.
+
+    delta_t = r_t + gamma * V_{t'} - V_t, where t' is the next counted token (V = 0 past the last one:
+    the episode ends there), and A_t = delta_t + gamma * lam * A_{t'}. Returns (advantages, returns =
+    advantages + values), both zero off the mask.
+    """
+    adv = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    next_adv = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        m = mask[:, t] > 0
+        delta = token_rewards[:, t] + gamma * next_value - values[:, t]
+        a = delta + gamma * lam * next_adv
+        next_adv = torch.where(m, a, next_adv)
+        next_value = torch.where(m, values[:, t], next_value)
+        adv[:, t] = torch.where(m, a, torch.zeros_like(a))
+    return adv, (adv + values) * mask
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, reduce: Reduce | None = None, eps: float = 1e-6,
+                  shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the counted entries of the *global* batch (`reduce` sums over ranks).
+    Zero off the mask. A batch whose entries are all equal comes out zero (or unchanged if not
+    `shift_mean`), not NaN."""
+    reduce = reduce or _identity
+    m = mask.to(x.dtype)
+    sums = reduce(torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()]).double())
+    n = sums[2].clamp(min=1)
+    mean = sums[0] / n
+    var = (sums[1] / n - mean**2).clamp(min=0)
+    if sums[2] > 1:
+        var = var * sums[2] / (sums[2] - 1)  # unbiased
+    centred = x - mean.to(x.dtype) if shift_mean else x
+    return centred / (var.sqrt().to(x.dtype) + eps) * m
+
+
+def kl_token_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, coef: float,
+                     kind: str = "k1") -> torch.Tensor:
+    """KL penalty as reward shaping: -coef * KL_t(pi || ref) on every counted token."""
+    return -coef * kl_estimate(logprobs, ref_logprobs, kind) * mask
+
+
+# ---------------------------------------------------------------- registered advantage estimators
+
+@dataclass
+class AdvantageInputs:
+    rewards: torch.Tensor  # (B,) outcome reward of each sample
+    group_ids: torch.Tensor  # (B,) samples of one prompt share an id
+    mask: torch.Tensor  # (B, T) float, 1 on tokens that count
+    token_rewards: Optional[torch.Tensor] = None  # (B, T) shaping added per token (e.g. kl_token_rewards)
+    values: Optional[torch.Tensor] = None  # (B, T) critic values V(s_t), for estimators that need them
+
+
+@dataclass
+class AdvantageConfig:
+    std_normalize: bool = True  # grpo/rloo: divide by the group's reward std
+    gamma: float = 1.0  # discount (reinforce_pp, gae)
+    lam: float = 1.0  # GAE lambda
+    whiten: bool = True  # gae: normalise advantages over the global batch
+    eps: float = 1e-6
+
+
+@dataclass
+class Advantages:
+    advantages: torch.Tensor  # (B, T), zero off the mask
+    returns: Optional[torch.Tensor] = None  # (B, T) value targets, for estimators with a critic
+
+
+def _outcome(x: AdvantageInputs) -> torch.Tensor:
+    """The scalar a group estimator normalises: the outcome reward plus the sample's summed shaping."""
+    if x.token_rewards is None:
+        return x.rewards
+    return x.rewards + (x.token_rewards * x.mask).sum(-1)
+
+
+def grpo_estimator(x: AdvantageInputs, cfg: AdvantageConfig, reduce: Reduce | None = None) -> Advantages:
+    adv = grpo_advantages(_outcome(x), x.group_ids, cfg.std_normalize, cfg.eps)
+    return Advantages(adv[:, None] * x.mask)
+
+
+def rloo_estimator(x: AdvantageInputs, cfg: AdvantageConfig, reduce: Reduce | None = None) -> Advantages:
+    adv = rloo_advantages(_outcome(x), x.group_ids, cfg.std_normalize, cfg.eps)
+    return Advantages(adv[:, None] * x.mask)
+
+
+def _token_rewards(x: AdvantageInputs, outcome: torch.Tensor) -> torch.Tensor:
+    r = outcome_token_rewards(outcome, x.mask)
+    return r if x.token_rewards is None else r + x.token_rewards * x.mask
+
+
+def reinforce_pp_estimator(x: AdvantageInputs, cfg: AdvantageConfig, reduce: Reduce | None = None) -> Advantages:
+    """REINFORCE++: token returns of the outcome reward plus per-token shaping (e.g. -beta * KL), then
+    normalised over every counted token of the global batch (no critic, no group baseline)."""
+    returns = discounted_returns(_token_rewards(x, x.rewards), x.mask, cfg.gamma)
+    return Advantages(masked_whiten(returns, x.mask, reduce, cfg.eps))
+
+
+def reinforce_pp_baseline_estimator(x: AdvantageInputs, cfg: AdvantageConfig,
+                                    reduce: Reduce | None = None) -> Advantages:
+    """REINFORCE++ with a group-mean baseline subtracted from the outcome first (for groups of samples)."""
+    centred = grpo_advantages(x.rewards, x.group_ids, std_normalize=False)
+    returns = discounted_returns(_token_rewards(x, centred), x.mask, cfg.gamma)
+    return Advantages(masked_whiten(returns, x.mask, reduce, cfg.eps))
+
+
+def gae_estimator(x: AdvantageInputs, cfg: AdvantageConfig, reduce: Reduce | None = None) -> Advantages:
+    """GAE with a critic: token rewards (outcome on the last token + shaping), values from the critic."""
+    if x.values is None:
+        raise ValueError("the 'gae' advantage estimator needs critic values (AdvantageInputs.values)")
+    adv, returns = gae(_token_rewards(x, x.rewards), x.values * x.mask, x.mask, cfg.gamma, cfg.lam)
+    if cfg.whiten:
+        adv = masked_whiten(adv, x.mask, reduce, cfg.eps)
+    return Advantages(adv, returns)
+
+
+AdvantageFn = Callable[[AdvantageInputs, AdvantageConfig, Optional[Reduce]], Advantages]
+
+ADVANTAGES: dict[str, AdvantageFn] = {
+    "grpo": grpo_estimator,
+    "rloo": rloo_estimator,
+    "reinforce_pp": reinforce_pp_estimator,
+    "reinforce_pp_baseline": reinforce_pp_baseline_estimator,
+    "gae": gae_estimator,
+}
+_NEEDS_VALUES = {"gae"}
+
+
+def needs_values(advantage: str) -> bool:
+    """Whether the named estimator needs a critic's values."""
+    return advantage in _NEEDS_VALUES
 
 
 # ---------------------------------------------------------------- KL estimators (per token)
@@ -70,6 +243,8 @@ class LossInputs:
     behaviour_logprobs: torch.Tensor  # (B, T) policy that sampled the tokens (rollout engine)
     advantages: torch.Tensor  # (B,) or (B, T)
     mask: torch.Tensor  # (B, T) float, 1 where the token counts
+    ref_logprobs: Optional[torch.Tensor] = None  # (B, T) KL reference for kl_coef; None: the behaviour policy
+    entropy: Optional[torch.Tensor] = None  # (B, T) policy entropy per position, with grad, for entropy_coef
 
 
 @dataclass
@@ -78,8 +253,9 @@ class LossConfig:
     clip_high: float = 0.2
     behaviour_weight_cap: float = 2.0
     loss_agg: str = "token-mean"
-    kl_coef: float = 0.0
+    kl_coef: float = 0.0  # KL(pi || ref) as a loss term
     kl_estimator: str = "k3"
+    entropy_coef: float = 0.0  # entropy bonus: subtracts coef * entropy per token
 
 
 def aggregate(values: torch.Tensor, mask: torch.Tensor, how: str, denom: float | None = None) -> torch.Tensor:
@@ -93,7 +269,7 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, how: str, denom: float |
     raise ValueError(f"unknown loss aggregation {how!r}; valid: token-mean, seq-mean")
 
 
-def decoupled_ppo_loss(x: LossInputs, cfg: LossConfig, denom: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def decoupled_ppo_loss(x: LossInputs, cfg: LossConfig, denom: float | None = None) -> tuple[torch.Tensor, Stats]:
     """Decoupled PPO (AReaL): clip the ratio to the proximal policy; weight each token by the
     truncated ratio proximal/behaviour so that stale samples are corrected but cannot blow up.
 
@@ -106,30 +282,37 @@ def decoupled_ppo_loss(x: LossInputs, cfg: LossConfig, denom: float | None = Non
     pg = -torch.minimum(ratio * adv, clipped * adv)
     weight = torch.exp(x.proximal_logprobs - x.behaviour_logprobs).clamp(max=cfg.behaviour_weight_cap).detach()
     per_token = pg * weight
-    kl = kl_estimate(x.logprobs, x.behaviour_logprobs, cfg.kl_estimator)
+    ref = x.behaviour_logprobs if x.ref_logprobs is None else x.ref_logprobs
+    kl = kl_estimate(x.logprobs, ref, cfg.kl_estimator)
     if cfg.kl_coef:
         per_token = per_token + cfg.kl_coef * kl
+    if cfg.entropy_coef:
+        if x.entropy is None:
+            raise ValueError("entropy_coef > 0 needs LossInputs.entropy (per-token entropy with grad)")
+        per_token = per_token - cfg.entropy_coef * x.entropy
     loss = aggregate(per_token, x.mask, cfg.loss_agg, denom)
     with torch.no_grad():
-        m = x.mask.bool()
+        m = x.mask
         n = m.sum().clamp(min=1)
-        stats = {
-            "ratio_mean": (ratio[m].sum() / n).item(),
-            "ratio_max": ratio[m].max().item() if m.any() else 1.0,
-            "clip_frac": (((ratio != clipped) & m).sum() / n).item(),
-            "behaviour_weight_mean": (weight[m].sum() / n).item(),
-            "kl_behaviour": (kl[m].sum() / n).item(),
+        stats = {  # 0-dim tensors (no device sync here); means over the counted tokens
+            "ratio_mean": (ratio * m).sum() / n,
+            "ratio_max": torch.where(m > 0, ratio, torch.ones_like(ratio)).max(),
+            "clip_frac": ((ratio != clipped).to(m.dtype) * m).sum() / n,
+            "behaviour_weight_mean": (weight * m).sum() / n,
+            "kl_behaviour": (kl_estimate(x.logprobs, x.behaviour_logprobs, cfg.kl_estimator) * m).sum() / n,
+            "kl_ref": (kl * m).sum() / n,
         }
     return loss, stats
 
 
-def ppo_clip_loss(x: LossInputs, cfg: LossConfig, denom: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def ppo_clip_loss(x: LossInputs, cfg: LossConfig, denom: float | None = None) -> tuple[torch.Tensor, Stats]:
     """Plain PPO-clip against the behaviour policy (no proximal recompute correction)."""
-    on_policy = LossInputs(x.logprobs, x.behaviour_logprobs, x.behaviour_logprobs, x.advantages, x.mask)
+    on_policy = LossInputs(x.logprobs, x.behaviour_logprobs, x.behaviour_logprobs, x.advantages, x.mask,
+                           x.ref_logprobs, x.entropy)
     return decoupled_ppo_loss(on_policy, cfg, denom)
 
 
-POLICY_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, dict[str, float]]]] = {
+POLICY_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, Stats]]] = {
     "decoupled_ppo": decoupled_ppo_loss,
     "ppo_clip": ppo_clip_loss,
 }
@@ -139,3 +322,29 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Per-position entropy of the softmax over the last dimension."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+# ---------------------------------------------------------------- critic
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float = 0.2, how: str = "token-mean", denom: float | None = None
+               ) -> tuple[torch.Tensor, Stats]:
+    """Clipped value loss (PPO): 0.5 * max((V - R)^2, (V_clip - R)^2), where V_clip keeps the new value
+    within `clip` of the value before the update; `clip` <= 0 is the plain squared error."""
+    err = (values - returns) ** 2
+    if clip > 0:
+        clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+        err_clipped = (clipped - returns) ** 2
+        per_token = 0.5 * torch.maximum(err, err_clipped)
+    else:
+        err_clipped = err
+        per_token = 0.5 * err
+    loss = aggregate(per_token, mask, how, denom)
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        stats = {  # 0-dim tensors; means over the counted tokens
+            "value_mean": (values * mask).sum() / n,
+            "value_clip_frac": ((err_clipped > err).to(mask.dtype) * mask).sum() / n,
+            "value_error": (err * mask).sum() / n,
+        }
+    return loss, stats

@@ -146,7 +146,8 @@ class TrainerWorker:
         rewards = torch.tensor(cols["reward"], dtype=torch.float32)
         group_ids = torch.tensor(cols["group"])
         a = self.recipe.algorithm
-        adv = self.adv_fn(rewards, group_ids, std_normalize=a.std_normalize)
+        adv = self.adv_fn(algorithms.AdvantageInputs(rewards, group_ids, mask),
+                          algorithms.AdvantageConfig(std_normalize=a.std_normalize), None).advantages
         return {"ids": ids, "attn": attn, "mask": mask, "behaviour": behaviour, "rewards": rewards,
                 "adv": adv, "versions": torch.tensor(cols["version"]),
                 "resp_len": torch.tensor([len(r) for r in cols["response_ids"]], dtype=torch.float32)}

@@ -92,6 +92,21 @@ class TrainerConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     threads_per_rank: int = 1  # torch intra-op threads for each rank on CPU
+    compute_dtype: str = "auto"  # FSDP2 param/compute dtype: auto (bfloat16 on CUDA, float32 on CPU) | float32 |
+    #                              bfloat16; master weights and AdamW state are float32 whatever this is
+    reduce_dtype: str = "float32"  # dtype of the gradient reduce-scatter across ranks
+    activation_checkpointing: bool = False  # recompute decoder layers in backward: less memory, ~1/3 more compute
+    micro_batch_tokens: int = 0  # token budget per micro-batch (rows x padded length; packed length with packing);
+    #                              0 = no budget. Samples are binned by length so a micro-batch pads little
+    micro_batch_size: int = 0  # most samples per micro-batch; 0 = no cap (no cap and no budget: one micro-batch)
+    packing: bool = False  # a micro-batch is one row of concatenated samples (attention stays within each sample)
+    mini_batches: int = 1  # optimizer updates per step (PPO mini-batches); > 1 recomputes proximal logprobs first
+    lr_schedule: str = "constant"  # constant | cosine (from lr to min_lr_ratio * lr at total_steps)
+    warmup_steps: int = 0  # linear warmup of the learning rate over this many steps
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    critic_lr: float = 1e-3  # AdamW learning rate of the critic (algorithm.advantage = gae)
+    checkpoint_every: int = 0  # steps between distributed checkpoints in <run_dir>/checkpoints/step_<N>; 0 = none
+    keep_checkpoints: int = 0  # newest checkpoints kept on disk; 0 keeps every one
 
 
 @dataclass
@@ -104,8 +119,15 @@ class AlgorithmConfig:
     clip_high: float = 0.28  # clip-higher (DAPO); set equal to clip_low for symmetric PPO
     behaviour_weight_cap: float = 2.0  # truncation of the proximal/behaviour importance weight
     loss_agg: str = "token-mean"  # token-mean | seq-mean
-    kl_coef: float = 0.0  # KL penalty to the behaviour policy in the loss (0 disables)
-    kl_estimator: str = "k3"  # k1 | k2 | k3
+    kl_coef: float = 0.0  # KL(pi || kl_reference) as a loss term (0 disables)
+    kl_estimator: str = "k3"  # k1 | k2 | k3, for both kl_coef and kl_reward_coef
+    kl_reward_coef: float = 0.0  # KL as reward shaping: -coef * KL(pi || kl_reference) added to each token's reward
+    kl_reference: str = "behaviour"  # behaviour: the rollout policy; initial: a frozen copy of the starting model
+    entropy_coef: float = 0.0  # entropy bonus: the loss subtracts coef * per-token entropy
+    gamma: float = 1.0  # discount of token rewards (reinforce_pp, reinforce_pp_baseline, gae)
+    gae_lambda: float = 1.0  # GAE lambda
+    gae_whiten: bool = True  # gae: normalise advantages to mean 0, std 1 over the global batch
+    value_clip: float = 0.2  # gae critic: clip of the value loss around the pre-update values (0 disables)
 
 
 @dataclass
@@ -157,6 +179,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "resources.device": ("auto", "cpu", "cuda"),
     "algorithm.loss_agg": ("token-mean", "seq-mean"),
     "algorithm.kl_estimator": ("k1", "k2", "k3"),
+    "algorithm.kl_reference": ("behaviour", "initial"),
+    "trainer.compute_dtype": ("auto", "float32", "bfloat16"),
+    "trainer.reduce_dtype": ("float32", "bfloat16"),
+    "trainer.lr_schedule": ("constant", "cosine"),
 }
 
 
@@ -253,12 +279,30 @@ def validate(recipe: Recipe) -> None:
             f"Recipe key 'trainer.batch_groups' = {recipe.trainer.batch_groups} must be a multiple of "
             f"'trainer.world_size' = {recipe.trainer.world_size} (each rank trains whole groups)"
         )
+    _validate_trainer(recipe)
     if recipe.rollout.temperature <= 0:
         raise RecipeError("Recipe key 'rollout.temperature' must be > 0 for RL (sampling, not greedy)")
     if not 0 < recipe.rollout.top_p <= 1:
         raise RecipeError(f"Recipe key 'rollout.top_p' must be in (0, 1]; got {recipe.rollout.top_p}")
     if ":" not in recipe.reward.fn:
         raise RecipeError(f"Recipe key 'reward.fn' = {recipe.reward.fn!r} must be 'module:function' or 'file.py:function'")
+
+
+def _validate_trainer(recipe: Recipe) -> None:
+    """Ranges of the trainer and algorithm keys."""
+    non_negative = ["trainer.micro_batch_tokens", "trainer.micro_batch_size", "trainer.warmup_steps",
+                    "trainer.checkpoint_every", "trainer.keep_checkpoints", "algorithm.kl_reward_coef",
+                    "algorithm.entropy_coef", "algorithm.value_clip", "trainer.min_lr_ratio"]
+    for key in non_negative:
+        if _get(recipe, key) < 0:
+            raise RecipeError(f"Recipe key '{key}' must be >= 0; got {_get(recipe, key)!r}")
+    for key in ("algorithm.gamma", "algorithm.gae_lambda"):
+        if not 0 <= _get(recipe, key) <= 1:
+            raise RecipeError(f"Recipe key '{key}' must be in [0, 1]; got {_get(recipe, key)!r}")
+    per_rank = recipe.trainer.batch_groups // recipe.trainer.world_size * recipe.rollout.group_size
+    if not 1 <= recipe.trainer.mini_batches <= per_rank:
+        raise RecipeError(f"Recipe key 'trainer.mini_batches' = {recipe.trainer.mini_batches} must be in "
+                          f"[1, {per_rank}] (the samples each rank trains per step)")
 
 
 def _get(obj: Any, dotted: str) -> Any:

@@ -33,7 +33,7 @@ class TinyModelConfig:
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 384
-    max_position_embeddings: int = 64
+    max_position_embeddings: int = 256
     seed: int = 0
     warm_start_steps: int = 800  # supervised steps on the synthetic task; 0 leaves random weights
     warm_start_batch: int = 64
@@ -67,6 +67,17 @@ class DataConfig:
 
 
 @dataclass
+class AgentConfig:
+    """Multi-turn rollouts: after each model turn, `fn(conversation)` returns the next tool/user turn's text
+    (appended to the context, masked out of the loss) or None to end the episode."""
+
+    fn: Optional[str] = None  # module:function or path/to/file.py:function; empty = single-turn
+    max_turns: int = 4  # model turns per episode
+    max_total_tokens: int = 0  # response tokens over all turns (model + tool); 0 = rollout.max_tokens * max_turns
+    timeout_s: float = 30.0  # per call of fn; past it the episode ends there
+
+
+@dataclass
 class RolloutConfig:
     num_engines: int = 1  # rollout workers, each owning one vLLM engine
     tensor_parallel_size: int = 1
@@ -81,6 +92,13 @@ class RolloutConfig:
     kv_cache_gib: float = 0.25  # VLLM_CPU_KVCACHE_SPACE on CPU; ignored on GPU
     gpu_memory_utilization: float = 0.5
     enforce_eager: bool = True  # skip graph capture / compilation: faster start, right for tiny models
+    update_mode: str = "interrupt"  # interrupt: pause between engine steps, load, in-flight requests go on;
+    #                                 drain: in-flight requests finish on the old weights, then load
+    ignore_eos: bool = False  # generate max_tokens every time (benchmarks)
+    detokenize: bool = True  # engine-side detokenization (needed for stop strings and the response text)
+    colocate: bool = False  # algorithm.eta = 0 only: engines sleep while the trainer uses the same devices
+    sleep_level: int = 1  # colocated sleep: 1 drops the KV cache and offloads weights, 2 drops weights too
+    agent: AgentConfig = field(default_factory=AgentConfig)
 
 
 @dataclass
@@ -175,6 +193,7 @@ class Recipe:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.tiny.arch": ("qwen2", "llama"),
+    "rollout.update_mode": ("interrupt", "drain"),
     "model.dtype": ("float32", "bfloat16"),
     "resources.device": ("auto", "cpu", "cuda"),
     "algorithm.loss_agg": ("token-mean", "seq-mean"),
@@ -279,6 +298,10 @@ def validate(recipe: Recipe) -> None:
             f"Recipe key 'trainer.batch_groups' = {recipe.trainer.batch_groups} must be a multiple of "
             f"'trainer.world_size' = {recipe.trainer.world_size} (each rank trains whole groups)"
         )
+    if recipe.rollout.colocate and recipe.algorithm.eta != 0:
+        raise RecipeError("Recipe key 'rollout.colocate' = true needs 'algorithm.eta' = 0 (time-sharing devices is synchronous)")
+    if recipe.rollout.sleep_level not in (1, 2):
+        raise RecipeError(f"Recipe key 'rollout.sleep_level' must be 1 or 2; got {recipe.rollout.sleep_level}")
     _validate_trainer(recipe)
     if recipe.rollout.temperature <= 0:
         raise RecipeError("Recipe key 'rollout.temperature' must be > 0 for RL (sampling, not greedy)")

@@ -29,6 +29,7 @@ from rl.models import load_tokenizer, resolve_model_path
 from rl.reward_worker import READ_FIELDS, WRITE_FIELDS, RewardActor
 from rl.staleness import StalenessBudget
 from rl.waits import await_, wait
+from rollout.router import RolloutRouter
 from rollout.worker import SAMPLE_FIELDS, GroupRequest, RolloutActor
 from trainer.group import TrainerGroup
 
@@ -46,6 +47,22 @@ def pick_device(requested: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def spawn_rollout_workers(r: Recipe, model_path: str, store: DataStore, device: str) -> list[ray.actor.ActorHandle]:
+    """One RolloutWorker per engine, each on its own placement-group bundle of `tp` GPUs (or a CPU)."""
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    tp = r.rollout.tensor_parallel_size
+    gpus = tp if device == "cuda" else 0
+    bundle = {"CPU": 1, **({"GPU": gpus} if gpus else {})}
+    pg = placement_group([bundle] * r.rollout.num_engines, strategy="PACK")
+    wait(pg.ready(), r.resources.wait_timeout_s, f"a placement group of {r.rollout.num_engines} x {bundle} for rollout",
+         "the Ray cluster", hint="the cluster may not have these resources free")
+    return [RolloutActor.options(num_gpus=gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i))
+            .remote(i, model_path, r.rollout, store, PARTITION, r.model.dtype, device, r.seed,
+                    r.resources.wait_timeout_s) for i in range(r.rollout.num_engines)]
+
+
 class Controller:
     def __init__(self, recipe: Recipe, run_dir: Path | None = None) -> None:
         self.recipe = recipe
@@ -55,7 +72,6 @@ class Controller:
         self.version = 0
         self.budget = StalenessBudget(recipe.trainer.batch_groups, recipe.algorithm.eta)
         self.wake = asyncio.Event()
-        self.inflight: dict[int, int] = {}  # rollout worker rank -> groups running there
         self.group_tasks: set[asyncio.Task] = set()
         self.feeder_error: BaseException | None = None
 
@@ -69,22 +85,20 @@ class Controller:
         self.tokenizer = load_tokenizer(self.model_path)
         self.prompts = PromptStream(r.data, r.seed)
         if not ray.is_initialized():
-            needed = r.rollout.num_engines + r.trainer.world_size + 1
+            needed = 2 * (r.rollout.num_engines + r.trainer.world_size) + 1
             ray.init(address=r.resources.ray_address,
                      num_cpus=None if r.resources.ray_address else (r.resources.num_cpus or max(needed, os.cpu_count() or 1)),
                      include_dashboard=False, runtime_env={"env_vars": QUIET_ENV}, log_to_driver=True)
         self.store = DataStore.create(r.datastore.num_storage_units, tag_fields=["version"],
                                       declared_fields=SAMPLE_FIELDS + WRITE_FIELDS, timeout_s=self.timeout)
-        self.rollouts = [RolloutActor.options(num_gpus=r.rollout.tensor_parallel_size if self.device == "cuda" else 0)
-                         .remote(i, self.model_path, r.rollout, self.store, PARTITION, r.model.dtype, self.device,
-                                 r.seed, self.timeout) for i in range(r.rollout.num_engines)]
+        self.rollouts = spawn_rollout_workers(r, self.model_path, self.store, self.device)
         self.rewarders = [RewardActor.remote(i, r.reward, self.store, PARTITION) for i in range(r.reward.num_workers)]
         self.trainer = TrainerGroup(r, self.model_path, self.store, PARTITION, self.device)
         started = wait([w.start.remote() for w in self.rollouts], self.timeout, "vLLM engine start",
                        f"rollout workers 0..{len(self.rollouts) - 1}")
         log.info("rollout engines started: %s", started)
         log.info("trainer ranks ready: %s", self.trainer.setup())
-        self.inflight = {i: 0 for i in range(len(self.rollouts))}
+        self.router = RolloutRouter(self.rollouts, r.rollout.max_tokens, self.timeout)
 
     # ------------------------------------------------------------------ rollout feeding
     async def _feed(self) -> None:
@@ -98,8 +112,7 @@ class Controller:
                     self.budget.on_submit()
                     ids = self.tokenizer(row["prompt"])["input_ids"]
                     req = GroupRequest(group=group, prompt=row["prompt"], prompt_ids=ids, row=row_to_json(row), n=n)
-                    worker = min(self.inflight, key=lambda k: self.inflight[k])
-                    task = asyncio.create_task(self._run_group(worker, req))
+                    task = asyncio.create_task(self._run_group(req))
                     self.group_tasks.add(task)
                     task.add_done_callback(self.group_tasks.discard)
                 self.wake.clear()
@@ -110,16 +123,13 @@ class Controller:
             self.feeder_error = exc
             raise
 
-    async def _run_group(self, worker: int, req: GroupRequest) -> None:
-        self.inflight[worker] += 1
+    async def _run_group(self, req: GroupRequest) -> None:
         try:
-            await await_(self.rollouts[worker].generate_group.remote(req), self.timeout,
-                         f"group {req.group} ({req.n} samples)", f"rollout worker {worker}")
+            await self.router.run_group(req)
         except BaseException as exc:
             self.feeder_error = exc
             raise
         finally:
-            self.inflight[worker] -= 1
             self.budget.on_finish()
             self.wake.set()
 

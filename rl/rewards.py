@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import importlib
-import importlib.util
 import inspect
 import json
 import logging
 import math
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Awaitable, Callable, Union
+
+from rl.plugins import PluginLoadError, load_function
 
 log = logging.getLogger(__name__)
 
@@ -48,38 +46,12 @@ class Scored:
     error: str = ""
 
 
-class RewardLoadError(ValueError):
-    pass
+RewardLoadError = PluginLoadError
 
 
 def load_reward_fn(spec: str) -> RewardFn:
     """Import `module:function` or `path/to/file.py:function`; errors say which part failed."""
-    target, sep, name = spec.rpartition(":")
-    if not sep or not target or not name:
-        raise RewardLoadError(f"reward.fn = {spec!r}: expected 'module:function' or 'path/to/file.py:function'")
-    if target.endswith(".py"):
-        path = Path(target).expanduser()
-        if not path.exists():
-            raise RewardLoadError(f"reward.fn = {spec!r}: file {path} not found")
-        mod_name = f"streamrl_reward_{abs(hash(str(path.resolve())))}"
-        module_spec = importlib.util.spec_from_file_location(mod_name, path)
-        assert module_spec and module_spec.loader
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[mod_name] = module
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as exc:
-            raise RewardLoadError(f"reward.fn = {spec!r}: importing {path} failed: {exc!r}") from exc
-    else:
-        try:
-            module = importlib.import_module(target)
-        except Exception as exc:
-            raise RewardLoadError(f"reward.fn = {spec!r}: cannot import module {target!r}: {exc!r}") from exc
-    fn = getattr(module, name, None)
-    if fn is None or not callable(fn):
-        public = [k for k, v in vars(module).items() if callable(v) and not k.startswith("_")]
-        raise RewardLoadError(f"reward.fn = {spec!r}: {target} has no function {name!r}; it has: {', '.join(public)}")
-    return fn
+    return load_function(spec, "reward.fn")
 
 
 def _coerce(value: Any) -> Scored:

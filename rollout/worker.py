@@ -10,6 +10,7 @@ and the per-token versions show where the switch happened.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -21,6 +22,8 @@ import ray
 
 from datastore.client import DataStore
 from rl.config import RolloutConfig
+from rl.plugins import load_function
+from rollout.agent import TurnOutput, run_episode
 from rl.transport import WeightHandle
 from rl.waits import await_
 
@@ -29,19 +32,24 @@ log = logging.getLogger(__name__)
 #: the fields a rollout worker writes for every sample (the store's schema for them)
 SAMPLE_FIELDS = [
     "group", "sample", "prompt", "prompt_ids", "response", "response_ids", "logprobs", "token_versions",
-    "version", "finish_reason", "row", "worker", "gen_seconds",
+    "loss_mask", "version", "finish_reason", "row", "worker", "gen_seconds", "turns",
 ]
 
 
 @dataclass
 class GroupRequest:
-    """One prompt to be sampled `n` times; sample j of group g is row g * n + j of the partition."""
+    """One prompt to be sampled `n` times; sample j of group g is row g * n + j of the partition.
+    `samples` limits the request to some j (a re-queue after an engine failure); None means all n."""
 
     group: int
     prompt: str
     prompt_ids: list[int]
     row: str  # the dataset row's other fields, as JSON
     n: int
+    samples: list[int] | None = None
+
+    def sample_ids(self) -> list[int]:
+        return list(range(self.n)) if self.samples is None else list(self.samples)
 
 
 def engine_env(cfg: RolloutConfig, device: str) -> dict[str, str]:
@@ -67,6 +75,9 @@ class RolloutWorker:
         self.samples_out = 0
         self.update_lock = asyncio.Lock()
         self.pending: list[tuple[int, dict[str, Any], asyncio.Future]] = []
+        self.healthy, self.last_error = True, ""
+        self.agent_hook = load_function(cfg.agent.fn, "rollout.agent.fn") if cfg.agent.fn else None
+        self.tokenizer: Any = None
         self.flusher: asyncio.Task | None = None
         self.events: list[dict] = []  # (kind, start, end) activity spans for the timeline
 
@@ -88,49 +99,76 @@ class RolloutWorker:
             gpu_memory_utilization=self.cfg.gpu_memory_utilization,
             worker_extension_cls="rollout.engine_ext.StreamRLWorkerExtension",
             logprobs_mode="processed_logprobs",
-            enable_prefix_caching=False,
+            enable_prefix_caching=self.cfg.agent.fn is not None,  # multi-turn contexts share prefixes
+            distributed_executor_backend="mp" if self.cfg.tensor_parallel_size > 1 else None,
             disable_log_stats=True,
         )
         self.engine = AsyncLLM.from_engine_args(args)
+        if self.tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         await self.engine.update_weight_version(str(self.version))
+        await self._turn([self.tokenizer.bos_token_id or 0], 1, 0, "warmup")  # first request pays one-off costs
         return {"rank": self.rank, "start_seconds": time.perf_counter() - t0, "pid": os.getpid()}
 
-    def _sampling_params(self, seed: int | None):
+    def _sampling_params(self, seed: int | None, max_tokens: int):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         c = self.cfg
         return SamplingParams(
             n=1, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k if c.top_k > 0 else 0,
-            max_tokens=c.max_tokens, stop=list(c.stop) or None, logprobs=0, seed=seed,
-            output_kind=RequestOutputKind.FINAL_ONLY, skip_special_tokens=True,
+            max_tokens=max_tokens, stop=list(c.stop) or None, logprobs=0, seed=seed,
+            output_kind=RequestOutputKind.FINAL_ONLY, skip_special_tokens=True, detokenize=c.detokenize,
+            include_stop_str_in_output=True, ignore_eos=c.ignore_eos,
         )
 
-    async def _one(self, req: GroupRequest, j: int) -> dict[str, Any]:
-        index = req.group * req.n + j
+    async def _turn(self, context: list[int], max_tokens: int, seed: int, tag: str) -> TurnOutput:
+        """One engine request: token ids in, token ids + logprobs + per-token versions out."""
         start_version = self.version
-        t0 = time.perf_counter()
         final = None
-        gen = self.engine.generate({"prompt_token_ids": list(req.prompt_ids)},
-                                   self._sampling_params(self.seed * 1_000_003 + index),
-                                   request_id=f"g{req.group}-s{j}-{uuid.uuid4().hex[:8]}")
-        async for out in gen:
+        async for out in self.engine.generate({"prompt_token_ids": context}, self._sampling_params(seed, max_tokens),
+                                              request_id=f"{tag}-{uuid.uuid4().hex[:8]}"):
             final = out
         assert final is not None
         comp = final.outputs[0]
         ids = list(comp.token_ids)
         logprobs = [float(step[tok].logprob) for tok, step in zip(ids, comp.logprobs or [])]
-        versions = _token_versions(comp, len(ids), start_version)
+        text = comp.text if self.cfg.detokenize else ""
+        return TurnOutput(ids, logprobs, _token_versions(comp, len(ids), start_version), text,
+                          comp.finish_reason or "")
+
+    async def _one(self, req: GroupRequest, j: int) -> dict[str, Any]:
+        index = req.group * req.n + j
+        t0 = time.perf_counter()
+        seed = self.seed * 1_000_003 + index
+        turn_no = 0
+
+        async def generate(context: list[int], max_tokens: int) -> TurnOutput:
+            nonlocal turn_no
+            turn_no += 1
+            return await self._turn(context, max_tokens, seed + 7919 * (turn_no - 1), f"g{req.group}-s{j}-t{turn_no}")
+
+        row_fields = json.loads(req.row) if req.row else {}
+        ep = await run_episode(generate, req.prompt, req.prompt_ids, row_fields, self.cfg.max_tokens,
+                               self.cfg.agent, self.agent_hook, self._tokenize, lambda: self.version,
+                               max_context=self.cfg.max_model_len)
         row = {
             "group": req.group, "sample": j, "prompt": req.prompt, "prompt_ids": list(req.prompt_ids),
-            "response": comp.text, "response_ids": ids, "logprobs": logprobs, "token_versions": versions,
-            "version": min(versions) if versions else start_version, "finish_reason": comp.finish_reason or "",
-            "row": req.row, "worker": self.rank, "gen_seconds": time.perf_counter() - t0,
+            "response": ep.text, "response_ids": ep.response_ids, "logprobs": ep.logprobs,
+            "token_versions": ep.token_versions, "loss_mask": ep.loss_mask,
+            "version": min(ep.token_versions) if ep.token_versions else self.version,
+            "finish_reason": ep.finish_reason, "row": req.row, "worker": self.rank,
+            "gen_seconds": time.perf_counter() - t0, "turns": ep.turns,
         }
         await self._put(index, row)
-        self.tokens_out += len(ids)
+        self.tokens_out += int(sum(ep.loss_mask))
         self.samples_out += 1
         return row
+
+    def _tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     async def _put(self, index: int, row: dict[str, Any]) -> None:
         """Send a finished sample to the store at once; samples finishing while a put is under way go
@@ -155,14 +193,60 @@ class RolloutWorker:
                 done.set_result(None)
 
     async def generate_group(self, req: GroupRequest) -> dict[str, Any]:
-        """Sample the group; each sample goes to the store when it finishes. Returns a small summary."""
-        self.inflight += req.n
+        """Sample the group (or the listed samples of it); each sample goes to the store when it finishes.
+
+        Returns a summary with the samples `done` and, if the engine failed, the samples `failed` and the
+        `error`; the caller re-queues failed samples elsewhere (nothing lost, nothing duplicated)."""
+        if not self.healthy:
+            return {"group": req.group, "done": [], "failed": req.sample_ids(), "tokens": 0,
+                    "error": f"rollout worker {self.rank}'s engine is down: {self.last_error}"}
+        ids = req.sample_ids()
+        self.inflight += len(ids)
         try:
-            rows = await asyncio.gather(*[self._one(req, j) for j in range(req.n)])
+            results = await asyncio.gather(*[self._one(req, j) for j in ids], return_exceptions=True)
         finally:
-            self.inflight -= req.n
-        return {"group": req.group, "tokens": sum(len(r["response_ids"]) for r in rows),
-                "versions": [r["version"] for r in rows]}
+            self.inflight -= len(ids)
+        done = [j for j, r in zip(ids, results) if not isinstance(r, BaseException)]
+        failed = [j for j, r in zip(ids, results) if isinstance(r, BaseException)]
+        error = ""
+        if failed:
+            exc = next(r for r in results if isinstance(r, BaseException))
+            error = f"{type(exc).__name__}: {exc}"
+            if self.engine is None or getattr(self.engine, "errored", False):
+                self.healthy, self.last_error = False, error
+                log.error("rollout worker %d: engine died (%s); %d samples of group %d to re-queue",
+                          self.rank, error, len(failed), req.group)
+            elif not isinstance(exc, asyncio.CancelledError):
+                raise exc
+        return {"group": req.group, "done": done, "failed": failed, "error": error,
+                "tokens": sum(len(r["response_ids"]) for r in results if isinstance(r, dict))}
+
+    async def restart_engine(self) -> dict[str, Any]:
+        """Replace a dead engine with a fresh one (at the model directory's weights: the controller's
+        next weight sync brings it to the current version before it gets work again)."""
+        if self.engine is not None:
+            try:
+                self.engine.shutdown()
+            except Exception:
+                pass
+            self.engine = None
+        self.version = 0
+        info = await self.start()
+        self.healthy, self.last_error = True, ""
+        return info
+
+    async def engine_pid(self) -> int:
+        """The engine core process id (tests kill it to check failure handling)."""
+        proc = getattr(self.engine.engine_core, "resources", None)
+        procs = getattr(getattr(proc, "engine_manager", None), "processes", None) or []
+        return procs[0].pid if procs else -1
+
+    async def sleep(self, level: int = 1) -> None:
+        """Colocated mode: free the KV cache (and offload, level 1, or drop, level 2, the weights)."""
+        await self.engine.sleep(level=level)
+
+    async def wake_up(self, tags: list[str] | None = None) -> None:
+        await self.engine.wake_up(tags=tags)
 
     async def update_weights(self, handle: WeightHandle) -> dict[str, Any]:
         """Pause between engine steps, load the new weights, resume; in-flight requests continue."""
@@ -216,6 +300,8 @@ def _token_versions(comp: Any, n: int, fallback: int) -> list[int]:
         return [fallback] * n
     out = [fallback] * n
     for span in spans:
+        if not str(span.version).lstrip("-").isdigit():
+            continue  # a label streamrl did not set (e.g. vLLM's "default" before the first update)
         for k in range(span.start, min(span.end, n)):
             out[k] = int(span.version)
     return out

@@ -1,8 +1,11 @@
 """The store's control plane: which fields of which rows are ready, and which consumer took which rows.
 
 It holds metadata only (a few bytes a row); payloads live in storage units and go straight from a unit to
-its consumer. Bookkeeping is a plain class (`Ledger`) so it is unit-tested without Ray; `StoreController`
-is the async Ray actor around it, where a waiting consumer awaits a condition instead of polling.
+its consumer. The bookkeeping is `datastore.ledger.Ledger` (unit-tested without Ray); `StoreController`
+is the async Ray actor around it: a waiting consumer awaits a condition (woken only when a row it could
+take appeared) instead of polling, expired leases are released by a timer that sleeps until the next
+deadline, evicted rows are sent to their units, and takes by durable consumers are logged before they are
+answered.
 """
 
 from __future__ import annotations
@@ -10,168 +13,175 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
-OPS = {
-    ">=": lambda a, b: a >= b, ">": lambda a, b: a > b, "<=": lambda a, b: a <= b,
-    "<": lambda a, b: a < b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b,
-}
-
-
-@dataclass
-class RowMeta:
-    unit: int
-    fields: set[str] = field(default_factory=set)
-    tags: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Take:
-    """What a consumer got: row indexes in order and the storage unit holding each."""
-
-    indexes: list[int]
-    units: list[int]
-
-
-class Ledger:
-    """Metadata of every row held: readiness per field, small tag values, and consumption per consumer."""
-
-    def __init__(self) -> None:
-        self.rows: dict[str, dict[int, RowMeta]] = defaultdict(dict)
-        self.consumed: dict[str, dict[str, set[int]]] = defaultdict(lambda: defaultdict(set))
-        self.known_fields: dict[str, set[str]] = defaultdict(set)
-        self.puts = 0
-        self.rows_taken = 0
-
-    def mark_ready(self, partition: str, indexes: list[int], fields: list[str], unit: int,
-                   tags: dict[str, list[Any]]) -> None:
-        rows = self.rows[partition]
-        for k, idx in enumerate(indexes):
-            meta = rows.get(idx)
-            if meta is None:
-                meta = rows[idx] = RowMeta(unit=unit)
-            meta.fields.update(fields)
-            for tag, values in tags.items():
-                meta.tags[tag] = values[k]
-        self.known_fields[partition].update(fields)
-        self.puts += 1
-
-    def _eligible(self, partition: str, consumer: str, fields: list[str],
-                  where: dict[str, tuple[str, Any]] | None) -> list[int]:
-        taken = self.consumed[partition][consumer]
-        need = set(fields)
-        out = []
-        for idx, meta in self.rows[partition].items():
-            if idx in taken or not need <= meta.fields:
-                continue
-            if where and not all(t in meta.tags and OPS[op](meta.tags[t], v) for t, (op, v) in where.items()):
-                continue
-            out.append(idx)
-        out.sort()
-        return out
-
-    def try_take(self, partition: str, consumer: str, fields: list[str], n: int, min_n: int,
-                 group_size: int | None, where: dict[str, tuple[str, Any]] | None) -> Take | None:
-        """Up to `n` eligible rows (whole groups when `group_size`), oldest first, if at least `min_n`."""
-        eligible = self._eligible(partition, consumer, fields, where)
-        if group_size:
-            by_group: dict[int, list[int]] = defaultdict(list)
-            for idx in eligible:
-                by_group[idx // group_size].append(idx)
-            picked: list[int] = []
-            for g in sorted(by_group):
-                if len(by_group[g]) == group_size and len(picked) + group_size <= n:
-                    picked.extend(by_group[g])
-        else:
-            picked = eligible[:n]
-        if len(picked) < max(min_n, 1):
-            return None
-        self.consumed[partition][consumer].update(picked)
-        self.rows_taken += len(picked)
-        rows = self.rows[partition]
-        return Take(indexes=picked, units=[rows[i].unit for i in picked])
-
-    def discard(self, partition: str, consumer: str, where: dict[str, tuple[str, Any]],
-                group_size: int | None = None) -> list[int]:
-        """Mark as taken by `consumer`, without delivering them, the rows matching `where` (and the rest
-        of their groups when `group_size`); returns those indexes. For samples too stale to train on."""
-        taken = self.consumed[partition][consumer]
-        hit = [i for i, m in self.rows[partition].items() if i not in taken
-               and all(t in m.tags and OPS[op](m.tags[t], v) for t, (op, v) in where.items())]
-        if group_size:
-            groups = {i // group_size for i in hit}
-            hit = [i for i in self.rows[partition] if i // group_size in groups and i not in taken]
-        taken.update(hit)
-        return sorted(hit)
-
-    def counts(self, partition: str, consumer: str | None = None) -> dict[str, Any]:
-        """Rows held, ready count per field, and rows not yet taken by `consumer`."""
-        rows = self.rows.get(partition, {})
-        ready: dict[str, int] = defaultdict(int)
-        for meta in rows.values():
-            for f in meta.fields:
-                ready[f] += 1
-        out: dict[str, Any] = {"rows": len(rows), "ready": dict(ready)}
-        if consumer is not None:
-            out["untaken"] = len(rows) - len(self.consumed[partition][consumer] & rows.keys())
-        return out
-
-    def check_fields(self, partition: str, fields: list[str], declared: set[str]) -> None:
-        unknown = [f for f in fields if f not in declared and f not in self.known_fields[partition]]
-        if unknown and declared:
-            raise KeyError(
-                f"get of field(s) {unknown} in partition '{partition}': no producer writes them; "
-                f"known fields: {sorted(declared | self.known_fields[partition])}"
-            )
+from datastore.ledger import OPS, Evicted, IndexSet, Ledger, Take  # noqa: F401  (Take, OPS: public names)
+from datastore.log import ConsumptionLog
+from datastore.stats import RateMeter
 
 
 @ray.remote(num_cpus=0, max_concurrency=1000)
 class StoreController:
-    """Async actor: producers' units report readiness; consumers wait here for ready rows."""
+    """Async actor: units report readiness here; consumers wait here for ready rows."""
 
-    def __init__(self, declared_fields: list[str] | None = None) -> None:
-        self.ledger = Ledger()
-        self.declared = set(declared_fields or [])
+    def __init__(self, declared_fields: list[str] | None = None, tag_fields: list[str] | None = None,
+                 required_consumers: list[str] | None = None, finished_fields: list[str] | None = None,
+                 durable_consumers: list[str] | None = None, log_dir: str | None = None,
+                 log_fsync: bool = False, lease_s: float = 600.0, stats_window_s: float = 30.0) -> None:
+        declared = list(declared_fields or [])
+        finished = declared if finished_fields is None else list(finished_fields)
+        self.ledger = Ledger(required_consumers or [], finished, declared, tag_fields, lease_s)
+        self.durable = set(required_consumers or []) if durable_consumers is None else set(durable_consumers)
+        self.log_dir, self.log_fsync = log_dir, log_fsync
+        self.clog: ConsumptionLog | None = None  # opened by open_log(), after recovery rewrote the old one
+        self.units: list[ray.actor.ActorHandle] = []
         self.changed = asyncio.Condition()
+        self.lease_added: asyncio.Event | None = None
+        self.janitor: asyncio.Task | None = None
         self.t0 = time.monotonic()
+        self.waiting_takes = 0
+        self.put_meter = RateMeter(stats_window_s)
+        self.take_meter = RateMeter(stats_window_s)
+
+    async def ping(self) -> bool:
+        return True
+
+    async def set_units(self, units: list[ray.actor.ActorHandle]) -> None:
+        self.units = list(units)
+
+    async def open_log(self) -> None:
+        if self.log_dir and self.clog is None:
+            self.clog = ConsumptionLog(self.log_dir, self.log_fsync)
+
+    # ------------------------------------------------------------------ writes
+    async def register_types(self, partition: str, types: dict[str, Any]) -> dict[str, Any]:
+        return self.ledger.register_types(partition, types)
 
     async def mark_ready(self, partition: str, indexes: list[int], fields: list[str], unit: int,
-                         tags: dict[str, list[Any]]) -> None:
-        self.ledger.mark_ready(partition, indexes, fields, unit, tags)
+                         tags: dict[str, list[Any]], nbytes: int = 0) -> list[int]:
+        """A unit stored `fields` of `indexes`; returns the rows refused because they were evicted."""
+        refused, evicted = self.ledger.mark_ready(partition, indexes, fields, unit, tags, nbytes)
+        self.put_meter.add(len(indexes) - len(refused), nbytes)
+        self._dispatch(evicted)
         async with self.changed:
             self.changed.notify_all()
+        return refused
 
+    # ------------------------------------------------------------------ reads
     async def take(self, partition: str, consumer: str, fields: list[str], n: int, min_n: int,
                    group_size: int | None, where: dict[str, tuple[str, Any]] | None,
-                   timeout: float) -> Take | None:
-        """Wait up to `timeout` s for enough ready rows; None if they did not come."""
-        self.ledger.check_fields(partition, fields, self.declared)
+                   timeout: float, owner: str = "") -> Take | None:
+        """Wait up to `timeout` s for enough ready rows; None if they did not come. Releases the
+        owner's earlier takes first (asking for more means being done with them)."""
+        self.ledger.check_take(partition, fields, where)
+        self._dispatch(self.ledger.release_owner(owner))
         deadline = time.monotonic() + timeout
-        async with self.changed:
-            while True:
-                got = self.ledger.try_take(partition, consumer, fields, n, min_n, group_size, where)
-                remaining = deadline - time.monotonic()
-                if got is not None or remaining <= 0:
-                    return got
-                try:
-                    await asyncio.wait_for(self.changed.wait(), remaining)
-                except asyncio.TimeoutError:
-                    pass
+        last = None
+        self.waiting_takes += 1
+        try:
+            async with self.changed:
+                while True:
+                    if self.ledger.generation(partition, consumer, fields) != last:
+                        got = self.ledger.try_take(partition, consumer, fields, n, min_n, group_size, where,
+                                                   owner, time.monotonic())
+                        if got is not None:
+                            self._took(partition, consumer, "take", got.indexes)
+                            return got
+                        last = self.ledger.generation(partition, consumer, fields)
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return None
+                    try:
+                        await asyncio.wait_for(self.changed.wait(), remaining)
+                    except asyncio.TimeoutError:
+                        pass
+        finally:
+            self.waiting_takes -= 1
+
+    def _took(self, partition: str, consumer: str, op: str, indexes: list[int]) -> None:
+        if op == "take":
+            self.take_meter.add(len(indexes))
+            self._ensure_janitor()
+        if self.clog is not None and consumer in self.durable and indexes:
+            self.clog.append(partition, consumer, op, indexes)
 
     async def discard(self, partition: str, consumer: str, where: dict[str, tuple[str, Any]],
                       group_size: int | None = None) -> list[int]:
-        return self.ledger.discard(partition, consumer, where, group_size)
+        self.ledger.check_take(partition, [], where)
+        hit, evicted = self.ledger.discard(partition, consumer, where, group_size)
+        self._took(partition, consumer, "discard", hit)
+        self._dispatch(evicted)
+        return hit
 
+    async def release(self, owner: str | None = None, take_id: int | None = None) -> None:
+        """The consumer is done with the rows of `take_id`, or with every take of `owner`."""
+        if take_id is not None:
+            self._dispatch(self.ledger.release_take(take_id))
+        if owner is not None:
+            self._dispatch(self.ledger.release_owner(owner))
+
+    # ------------------------------------------------------------------ leases and eviction
+    def _ensure_janitor(self) -> None:
+        if self.lease_added is None:
+            self.lease_added = asyncio.Event()
+        self.lease_added.set()
+        if self.janitor is None or self.janitor.done():
+            self.janitor = asyncio.get_running_loop().create_task(self._expire_leases())
+
+    async def _expire_leases(self) -> None:
+        """Sleeps until the next lease deadline (or until a lease exists), then releases what expired."""
+        assert self.lease_added is not None
+        while True:
+            nd = self.ledger.next_deadline()
+            if nd is None:
+                self.lease_added.clear()
+                await self.lease_added.wait()
+                continue
+            await asyncio.sleep(max(0.0, nd - time.monotonic()) + 0.01)
+            self._dispatch(self.ledger.expire(time.monotonic()))
+
+    def _dispatch(self, evicted: list[Evicted]) -> None:
+        """Tell each unit which rows to drop (fire and forget: a dead unit has nothing left to drop)."""
+        if not evicted or not self.units:
+            return
+        by: dict[tuple[str, int], list[int]] = defaultdict(list)
+        for p, unit, idx in evicted:
+            by[(p, unit)].append(idx)
+        for (p, unit), idxs in by.items():
+            if unit < len(self.units):
+                self.units[unit].evict.remote(p, idxs)
+
+    # ------------------------------------------------------------------ recovery
+    async def restore(self, partition: str, consumed: dict[str, list[int]], evicted: IndexSet) -> int:
+        """After the log's rows were replayed: who had taken what, and which rows were gone already."""
+        ev = self.ledger.restore(partition, consumed, evicted)
+        self._dispatch(ev)
+        await asyncio.gather(*[u.restore_evicted.remote(partition, evicted) for u in self.units])
+        return len(ev)
+
+    # ------------------------------------------------------------------ observability
     async def counts(self, partition: str, consumer: str | None = None) -> dict[str, Any]:
         return self.ledger.counts(partition, consumer)
 
+    async def holders(self) -> str:
+        return self.ledger.holders()
+
     async def stats(self) -> dict[str, Any]:
+        led = self.ledger
+        parts = {p: led.partition_stats(p) for p in led.parts}
         return {
-            "puts": self.ledger.puts,
-            "rows_taken": self.ledger.rows_taken,
-            "partitions": {p: self.ledger.counts(p) for p in self.ledger.rows},
             "uptime_s": time.monotonic() - self.t0,
+            "rows_held": sum(s["rows"] for s in parts.values()),
+            "bytes_held": sum(s["bytes"] for s in parts.values()),
+            "rows_evicted": led.rows_evicted, "rows_created": led.rows_created, "puts": led.puts,
+            "takes": led.takes, "rows_taken": led.rows_taken, "rows_discarded": led.rows_discarded,
+            "late_writes_refused": led.refused, "leases": len(led.leases), "waiting_takes": self.waiting_takes,
+            "required_consumers": list(led.required), "put": self.put_meter.snapshot(),
+            "take": self.take_meter.snapshot(), "partitions": parts,
         }
+
+    async def close(self) -> None:
+        if self.clog is not None:
+            self.clog.close()

@@ -158,7 +158,18 @@ class RewardConfig:
 
 @dataclass
 class DataStoreConfig:
+    """The streaming data store (docs/datastore.md): sharding, capacity, eviction, the durable log."""
+
     num_storage_units: int = 1  # payload actors; rows are sharded across them by index
+    capacity_rows: int = 65536  # most rows held in memory (split evenly over the units); a put of new rows waits for room; 0: unbounded
+    capacity_bytes: int = 4 * 2**30  # most payload bytes held (split evenly over the units); 0: unbounded
+    required_consumers: list[str] = field(default_factory=lambda: ["reward", "trainer"])  # a row taken or discarded by all of these (and finished) is dropped from memory; empty: keep every row
+    finished_fields: list[str] = field(default_factory=list)  # fields a row needs to be finished (logged, evictable); empty: every declared field
+    log: bool = True  # append finished rows and consumption records to <run_dir>/datastore: the rollout dump, and what a restart recovers from
+    log_fsync: bool = False  # fsync every log append: survives a machine crash, not only a process crash; slower
+    durable_consumers: list[str] = field(default_factory=list)  # consumers whose takes are logged so a restart never repeats a row to them; empty: the required consumers
+    lease_s: float = 600.0  # rows a consumer took stay in memory until it takes again or releases, or this many seconds pass
+    stats_window_s: float = 30.0  # window of the "recent" put/get rates in stats()
 
 
 @dataclass

@@ -1,0 +1,208 @@
+"""Distributed checkpoints (torch.distributed.checkpoint) and the final Hugging Face export.
+
+A checkpoint is a directory `<run_dir>/checkpoints/step_<N>` (N = policy version = steps done) holding:
+- DCP shards of the policy (float32 master weights), AdamW state, LR scheduler, the version, and the
+  critic and its optimizer when there is one. DCP stores every tensor with its global shape, so a run
+  resumes on any number of trainer ranks (the load reshards).
+- `rng/rank_<r>.pt`: each rank's RNG states (torch, CUDA, Python, NumPy). Restored when the rank exists in
+  the resumed run; a run resumed on a different number of ranks starts those ranks' streams afresh.
+- `.metadata`, written by DCP last, once every rank's shards are on disk: a directory without it is an
+  interrupted save and `latest_checkpoint` skips it.
+
+Saving is asynchronous (`dcp.async_save`): the state is copied to host memory before the call returns,
+then written by a background thread while training goes on. The writes' own collectives run on a
+separate gloo group so they never interleave with the training collectives.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import shutil
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+_STEP = re.compile(r"^step_(\d+)$")
+
+
+def step_dir(run_dir: str | Path, version: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step_{version}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under a run directory, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP.match(p.name)) and (p / ".metadata").exists()]
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
+    """The newest complete checkpoint of a run, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def prune(run_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints (keep <= 0: delete none)."""
+    if keep <= 0:
+        return
+    for _, path in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- state
+
+def _state(trainer: Any) -> dict[str, Any]:
+    """The state dict DCP saves and loads in place; `trainer` is a trainer.engine.PolicyTrainer."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, optim = get_state_dict(trainer.model, trainer.optim)
+    state: dict[str, Any] = {"model": model, "optim": optim, "sched": trainer.sched.state_dict(),
+                             "meta": {"version": trainer.version}}
+    if trainer.critic is not None:
+        critic, critic_optim = get_state_dict(trainer.critic, trainer.critic_optim)
+        state.update(critic=critic, critic_optim=critic_optim, critic_sched=trainer.critic_sched.state_dict())
+    return state
+
+
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(trainer: Any, path: str | Path, group: Any, use_async: bool = True) -> Optional[Future]:
+    """Start writing a checkpoint of `trainer` (a collective: every rank calls). Returns the future of the
+    background write (None when `use_async` is false and the write is done)."""
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    (path / "rng").mkdir(parents=True, exist_ok=True)
+    torch.save(_rng_state(), path / "rng" / f"rank_{dist.get_rank()}.pt")
+    if dist.get_rank() == 0:
+        (path / "trainer.json").write_text(json.dumps({"version": trainer.version, "world_size": dist.get_world_size()}))
+    state = _state(trainer)
+    if use_async:
+        return dcp.async_save(state, checkpoint_id=str(path), process_group=group)
+    dcp.save(state, checkpoint_id=str(path), process_group=group)
+    return None
+
+
+def load(trainer: Any, path: str | Path, group: Any) -> int:
+    """Restore `trainer` in place from a checkpoint saved with any number of ranks; returns its version."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    path = Path(path)
+    if not (path / ".metadata").exists():
+        raise FileNotFoundError(f"{path} is not a complete distributed checkpoint (no .metadata)")
+    state = _state(trainer)
+    dcp.load(state, checkpoint_id=str(path), process_group=group)
+    set_state_dict(trainer.model, trainer.optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    trainer.sched.load_state_dict(state["sched"])
+    if trainer.critic is not None:
+        set_state_dict(trainer.critic, trainer.critic_optim, model_state_dict=state["critic"],
+                       optim_state_dict=state["critic_optim"])
+        trainer.critic_sched.load_state_dict(state["critic_sched"])
+    trainer.version = int(state["meta"]["version"])
+    rng = path / "rng" / f"rank_{dist.get_rank()}.pt"
+    if rng.exists():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    else:
+        log.info("checkpoint %s has no RNG state for rank %d (saved with fewer ranks): fresh streams", path,
+                 dist.get_rank())
+    return trainer.version
+
+
+# ---------------------------------------------------------------- Hugging Face export
+
+_WEIGHT_FILES = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack)$|.*\.index\.json$")
+_SKIP_FILES = {"config.json", "streamrl_model.json"}
+SHARD_BYTES = 4 << 30
+
+
+def export_hf(model: torch.nn.Module, source: Any, out_dir: str | Path, dtype: torch.dtype) -> Optional[Path]:
+    """Write the policy as a normal HF model directory (config, tokenizer, safetensors) on rank 0; every
+    rank calls (the full weights are gathered from the shards). Returns the directory on rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    tensors = {k: v.to(dtype).contiguous() for k, v in full.items()}
+    if getattr(config, "tie_word_embeddings", False):
+        tensors.pop("lm_head.weight", None)  # tied to the input embedding; safetensors refuses shared storage
+    _write_safetensors(tensors, out)
+    _copy_tokenizer(source, out)
+    config.dtype = dtype
+    config.use_cache = True
+    config.save_pretrained(str(out))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(str(out))
+    return out
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], out: Path) -> None:
+    """One model.safetensors, or shards of at most SHARD_BYTES with the usual index file."""
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def _copy_tokenizer(source: Any, out: Path) -> None:
+    """Tokenizer (and other non-weight files) of the source model directory, or of a hub id."""
+    if isinstance(source, str) and Path(source).is_dir():
+        for f in Path(source).iterdir():
+            if f.is_file() and f.name not in _SKIP_FILES and not _WEIGHT_FILES.match(f.name):
+                shutil.copy2(f, out / f.name)
+        return
+    if isinstance(source, str):
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(source).save_pretrained(str(out))

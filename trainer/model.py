@@ -1,0 +1,125 @@
+"""The trainer's models: loading, FSDP2 sharding with mixed precision, and token logprobs.
+
+Master weights are always float32 (so are AdamW's moments, which follow the parameters); FSDP2's
+`MixedPrecisionPolicy` casts the all-gathered parameters to `trainer.compute_dtype` for forward and
+backward and reduce-scatters gradients in `trainer.reduce_dtype`. `model.dtype` stays what it always
+meant: the dtype of generation (and of the exported model).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from rl.config import TrainerConfig
+from trainer.batching import MicroBatch
+
+ModelSource = Union[str, Any]  # an HF directory / hub id, or a transformers config (random init, for benchmarks)
+
+
+def compute_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """`trainer.compute_dtype`: auto is bfloat16 on CUDA and float32 on CPU (where bf16 matmuls are slow
+    and the trainer must agree with a float32 engine to 1e-4)."""
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, setting)
+
+
+def mp_policy(cfg: TrainerConfig, device: torch.device):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=compute_dtype(cfg.compute_dtype, device),
+                                reduce_dtype=getattr(torch, cfg.reduce_dtype))
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks (each becomes one FSDP2 unit)."""
+    for path in ("model.layers", "layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        obj: Any = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        return list(obj)
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__} to shard")
+
+
+def shard(model: torch.nn.Module, layers: list[torch.nn.Module], cfg: TrainerConfig, device: torch.device) -> None:
+    """FSDP2: one unit per decoder layer plus the root (embeddings, final norm, head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    policy = mp_policy(cfg, device)
+    for layer in layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def load_causal_lm(source: ModelSource, device: torch.device, seed: int = 0) -> torch.nn.Module:
+    """A float32 causal LM from a directory / hub id, or randomly initialised (same on every rank) from a config."""
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(source, str):
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    else:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(source, dtype=torch.float32)
+    return model.to(device)
+
+
+def build_policy(source: ModelSource, cfg: TrainerConfig, device: torch.device, seed: int = 0) -> torch.nn.Module:
+    """The trained policy: float32 master weights, activation checkpointing if asked, sharded."""
+    model = load_causal_lm(source, device, seed)
+    model.config.use_cache = False
+    if cfg.activation_checkpointing:
+        # HF's own switch keeps parameter names unchanged (weight sync, checkpoints and export rely on them)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    shard(model, decoder_layers(model), cfg, device)
+    return model
+
+
+def build_reference(source: ModelSource, cfg: TrainerConfig, device: torch.device, seed: int = 0) -> torch.nn.Module:
+    """A frozen, sharded copy of the starting policy (the KL reference for algorithm.kl_reference = initial)."""
+    model = load_causal_lm(source, device, seed)
+    model.requires_grad_(False)
+    model.eval()
+    shard(model, decoder_layers(model), cfg, device)
+    return model
+
+
+def model_inputs(mb: MicroBatch) -> dict[str, Optional[torch.Tensor]]:
+    kw: dict[str, Optional[torch.Tensor]] = {"input_ids": mb.input_ids}
+    if mb.attention_mask is not None:
+        kw["attention_mask"] = mb.attention_mask
+    if mb.position_ids is not None:
+        kw["position_ids"] = mb.position_ids  # packed: transformers builds a block-causal mask from these
+    return kw
+
+
+def response_logits(model: torch.nn.Module, mb: MicroBatch, temperature: float = 1.0) -> torch.Tensor:
+    """(n, R, V) float32 logits at the positions that predict each response token, scaled like the sampler."""
+    logits = model(**model_inputs(mb), use_cache=False).logits
+    flat = logits.reshape(-1, logits.shape[-1])
+    picked = flat.index_select(0, mb.positions.reshape(-1)).float()
+    if temperature != 1.0:
+        picked = picked / temperature
+    return picked.reshape(*mb.positions.shape, -1)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(n, R) logprob of each target under (n, R, V) logits (fused log-softmax + gather)."""
+    n, r, v = logits.shape
+    return -F.cross_entropy(logits.reshape(-1, v), targets.reshape(-1), reduction="none").reshape(n, r)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """(n, R) entropy of the softmax of (n, R, V) logits."""
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def param_count(model: torch.nn.Module) -> int:
+    """Parameters of the full (unsharded) model."""
+    return sum(p.numel() for p in model.parameters())

@@ -34,6 +34,7 @@ class TinyModelConfig:
     num_kv_heads: int = 2
     intermediate_size: int = 384
     max_position_embeddings: int = 256
+    vocab_size: int = 0  # 0: the char tokenizer's 98; larger pads the embedding to a real model's shape
     seed: int = 0
     warm_start_steps: int = 800  # supervised steps on the synthetic task; 0 leaves random weights
     warm_start_batch: int = 64
@@ -92,6 +93,9 @@ class RolloutConfig:
     kv_cache_gib: float = 0.25  # VLLM_CPU_KVCACHE_SPACE on CPU; ignored on GPU
     gpu_memory_utilization: float = 0.5
     enforce_eager: bool = True  # skip graph capture / compilation: faster start, right for tiny models
+    weight_transport: str = "auto"  # how weights reach the engines (docs/weights.md): auto | shm | gloo | nccl | ipc;
+    #                                 auto = gloo on CPU, nccl on GPUs, ipc when colocated
+    weight_bucket_mb: float = 256.0  # weights travel in buckets of at most this many MiB (a bigger tensor goes alone)
     update_mode: str = "interrupt"  # interrupt: pause between engine steps, load, in-flight requests go on;
     #                                 drain: in-flight requests finish on the old weights, then load
     ignore_eos: bool = False  # generate max_tokens every time (benchmarks)
@@ -205,6 +209,7 @@ class Recipe:
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.tiny.arch": ("qwen2", "llama"),
     "rollout.update_mode": ("interrupt", "drain"),
+    "rollout.weight_transport": ("auto", "shm", "gloo", "nccl", "ipc"),
     "model.dtype": ("float32", "bfloat16"),
     "resources.device": ("auto", "cpu", "cuda"),
     "algorithm.loss_agg": ("token-mean", "seq-mean"),

@@ -28,6 +28,7 @@ from rl.metrics import MetricsLogger, learning_summary, read_metrics
 from rl.models import load_tokenizer, resolve_model_path
 from rl.reward_worker import READ_FIELDS, WRITE_FIELDS, RewardActor
 from rl.staleness import StalenessBudget
+from rl.transport import WeightHandle, pick_transport
 from rl.waits import await_, wait
 from rollout.router import RolloutRouter
 from rollout.worker import SAMPLE_FIELDS, GroupRequest, RolloutActor
@@ -45,6 +46,18 @@ def pick_device(requested: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def init_ray(r: Recipe) -> None:
+    """Join the cluster named in the recipe or RAY_ADDRESS (set inside a Ray job); otherwise start a fresh
+    local instance (never silently join some other cluster started on this machine)."""
+    address = r.resources.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": QUIET_ENV}, log_to_driver=True)
+        return
+    needed = 2 * (r.rollout.num_engines + r.trainer.world_size) + 1
+    ray.init(address="local", num_cpus=r.resources.num_cpus or max(needed, os.cpu_count() or 1),
+             include_dashboard=False, runtime_env={"env_vars": QUIET_ENV}, log_to_driver=True)
 
 
 def spawn_rollout_workers(r: Recipe, model_path: str, store: DataStore, device: str) -> list[ray.actor.ActorHandle]:
@@ -85,10 +98,7 @@ class Controller:
         self.tokenizer = load_tokenizer(self.model_path)
         self.prompts = PromptStream(r.data, r.seed)
         if not ray.is_initialized():
-            needed = 2 * (r.rollout.num_engines + r.trainer.world_size) + 1
-            ray.init(address=r.resources.ray_address,
-                     num_cpus=None if r.resources.ray_address else (r.resources.num_cpus or max(needed, os.cpu_count() or 1)),
-                     include_dashboard=False, runtime_env={"env_vars": QUIET_ENV}, log_to_driver=True)
+            init_ray(r)
         self.store = DataStore.create(r.datastore.num_storage_units, tag_fields=["version"],
                                       declared_fields=SAMPLE_FIELDS + WRITE_FIELDS, timeout_s=self.timeout)
         self.rollouts = spawn_rollout_workers(r, self.model_path, self.store, self.device)
@@ -98,6 +108,7 @@ class Controller:
                        f"rollout workers 0..{len(self.rollouts) - 1}")
         log.info("rollout engines started: %s", started)
         log.info("trainer ranks ready: %s", self.trainer.setup())
+        self._open_weight_channel()
         self.router = RolloutRouter(self.rollouts, r.rollout.max_tokens, self.timeout)
 
     # ------------------------------------------------------------------ rollout feeding
@@ -134,15 +145,58 @@ class Controller:
             self.wake.set()
 
     # ------------------------------------------------------------------ the loop
-    async def _sync_weights(self) -> dict[str, float]:
+    def _open_weight_channel(self, engines: list[int] | None = None) -> None:
+        """After the engines and the trainer start (and again when the set of live engines changes): the
+        trainer's rank 0 opens the weight channel and every worker of the listed engines joins it, all at
+        once (a process group forms only when all its members arrive)."""
+        r = self.recipe
+        engines = list(range(len(self.rollouts))) if engines is None else engines
+        tp = r.rollout.tensor_parallel_size
+        kind = pick_transport(r.rollout.weight_transport, self.device, colocated=r.rollout.colocate)
+        spec = self.trainer.open_weight_channel(kind, len(engines) * tp)
+        joins = [self.rollouts[i].init_weight_channel.remote(spec, 1 + k * tp) for k, i in enumerate(engines)]
+        wait([self.trainer.connect_weight_channel_ref(), *joins], self.timeout + 60,
+             f"the {kind} weight channel to form", f"trainer rank 0 and rollout workers {engines}")
+        self.weight_channel, self.weight_engines = spec, engines
+        log.info("weight channel: %s, trainer rank 0 + %d engine workers", kind, len(engines) * tp)
+
+    async def _sync_weights(self, probe: bool = False) -> dict[str, float]:
+        """Push the trainer's weights to every live engine (docs/weights.md). On a streaming channel (gloo,
+        nccl, ipc: one broadcast group) the trainer's send and every engine's receive run at once and the
+        version travels in band; on shm the engines read the file once the trainer has written it. An engine
+        restarted since the channel formed makes it form again first. `probe` moves as many bytes and loads
+        nothing (the benchmark's link baseline)."""
         t0 = time.perf_counter()
-        handle = await self.trainer.send_weights()
-        t1 = time.perf_counter()
-        res = await await_([w.update_weights.remote(handle) for w in self.rollouts], self.timeout,
-                           f"weight update to version {handle.version}", f"rollout workers 0..{len(self.rollouts) - 1}")
+        router = getattr(self, "router", None)
+        engines = [i for i in range(len(self.rollouts)) if router is None or router.healthy[i]]
+        if (getattr(self, "weight_channel", None) is None or engines != self.weight_engines
+                or (router is not None and any(router.needs_weights[i] for i in engines))):
+            await asyncio.to_thread(self._open_weight_channel, engines)
+        t_open = time.perf_counter() - t0
+        spec = self.weight_channel
+        what = f"weight {'probe' if probe else 'update'} over {spec.kind}"
+        sent = asyncio.ensure_future(self.trainer.send_weights(probe))
+        loads: asyncio.Future | None = None
+        try:
+            handle = WeightHandle(kind=spec.kind, probe=probe) if spec.streams else await sent
+            loads = asyncio.ensure_future(await_([self.rollouts[i].update_weights.remote(handle) for i in engines],
+                                                 self.timeout, what, f"rollout workers {engines}"))
+            handle, res = await asyncio.gather(sent, loads)
+        except BaseException:
+            for f in (sent, loads):
+                if f is not None:
+                    f.cancel()
+            raise
+        wrong = {x["rank"]: x["version"] for x in res if x["version"] != handle.version}
+        if wrong:
+            raise RuntimeError(f"{what}: the trainer sent version {handle.version}, engines loaded {wrong}")
         await self.trainer.release_weights(handle)
-        return {"sync/gather_s": t1 - t0, "sync/load_s": max(x["seconds"] for x in res),
-                "sync/total_s": time.perf_counter() - t0, "sync/bytes": float(handle.nbytes)}
+        if router is not None and not probe:
+            router.weights_synced(engines)
+        return {"sync/total_s": time.perf_counter() - t0, "sync/open_s": t_open,
+                "sync/gather_s": handle.meta.get("gather_s", 0.0), "sync/send_s": handle.meta.get("send_s", 0.0),
+                "sync/recv_s": max(x["recv_seconds"] for x in res), "sync/load_s": max(x["apply_seconds"] for x in res),
+                "sync/bytes": float(handle.nbytes)}
 
     async def run_async(self) -> list[dict[str, Any]]:
         r = self.recipe

@@ -1,33 +1,75 @@
 """Methods added to every vLLM worker process (vLLM's `worker_extension_cls`), called by `collective_rpc`.
 
 They run inside the engine's worker, between engine steps, so a weight load never races a forward pass.
-Tensors do not travel as RPC arguments (vLLM's RPC serialisation drops them): the argument is a small
-handle and the bytes come through the weight channel (`rl.transport`).
+Tensors do not travel as RPC arguments (vLLM's RPC serialisation drops them): the arguments are small
+dicts (a `ChannelSpec`, a `WeightHandle`) and the bytes come through the weight channel (`rl.transport`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 
 class StreamRLWorkerExtension:
-    """Mixed into vLLM's Worker class; `self` is the worker."""
+    """Mixed into vLLM's Worker class; `self` is the worker. Attributes of ours start with `_streamrl`."""
+
+    def streamrl_join_weight_channel(self, spec: dict[str, Any], first_rank: int) -> dict[str, Any]:
+        """Join the trainer's weight channel as group rank `first_rank` + this worker's tensor-parallel rank
+        (blocks until every member has joined; replaces a channel joined before)."""
+        from rl.transport import ChannelSpec, gpu_uuid, make_receiver
+
+        old = getattr(self, "_streamrl_receiver", None)
+        if old is not None:
+            old.close()
+            self._streamrl_receiver = None
+        rank = first_rank + int(getattr(self, "rank", 0))
+        device = self._streamrl_torch_device()
+        t0 = time.perf_counter()
+        self._streamrl_receiver = make_receiver(ChannelSpec(**spec), rank, device)
+        return {"rank": rank, "device": str(device), "gpu": gpu_uuid(device), "join_s": time.perf_counter() - t0}
 
     def streamrl_load_weights(self, handle: dict[str, Any]) -> dict[str, Any]:
-        from rl.transport import WeightHandle, receive
+        """Receive one sync and load it (a probe is received and dropped). Returns the version loaded and
+        where the time went: recv_s waiting for bytes, the rest in vLLM's loader."""
+        from rl.transport import ChannelSpec, WeightHandle, make_receiver
 
+        h = WeightHandle(**handle)
+        recv = getattr(self, "_streamrl_receiver", None)
+        if recv is None or recv.kind != h.kind:
+            if h.kind != "shm":
+                raise RuntimeError(f"this engine worker has not joined a {h.kind} weight channel "
+                                   "(the controller calls init_weight_channel after the engine starts)")
+            recv = make_receiver(ChannelSpec(kind="shm"), 0, self._streamrl_torch_device())
         t0 = time.perf_counter()
-        weights = receive(WeightHandle(**handle))
-        if hasattr(self, "reload_weights"):
-            # restores the load-time layout (the CPU backend repacks linear weights), loads, repacks
-            self.reload_weights(weights_iterator=weights)
+        weights = recv.receive(h)
+        if h.probe:
+            for _ in weights:
+                pass
+        else:
+            self._streamrl_load(weights)
+        total = time.perf_counter() - t0
+        st = recv.stats
+        return {"seconds": total, "version": st.get("version", h.version), "recv_s": st.get("recv_s", 0.0),
+                "load_s": total - st.get("recv_s", 0.0), "bytes": st.get("bytes", 0), "probe": h.probe}
+
+    def _streamrl_load(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+        """vLLM's in-place reload when it takes an iterator (it restores the load-time layout that the CPU
+        backend repacks, loads, and processes again); the model's own loader otherwise."""
+        reload = getattr(self, "reload_weights", None)
+        params = inspect.signature(reload).parameters.values() if reload is not None else []
+        if any(p.name == "weights_iterator" or p.kind is p.VAR_KEYWORD for p in params):
+            reload(weights_iterator=weights)
         else:
             self.model_runner.model.load_weights(weights)
-        return {"seconds": time.perf_counter() - t0, "version": handle["version"]}
+
+    def _streamrl_torch_device(self) -> torch.device:
+        dev = getattr(self, "device", None)
+        return torch.device(dev) if dev is not None else torch.device("cpu")
 
     def streamrl_weight_digest(self) -> str:
         """A digest of every parameter, for tests that two engines hold the same weights."""
@@ -38,4 +80,4 @@ class StreamRLWorkerExtension:
         return h.hexdigest()
 
     def streamrl_device(self) -> str:
-        return str(torch.device(self.device) if hasattr(self, "device") else "cpu")
+        return str(self._streamrl_torch_device())

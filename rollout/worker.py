@@ -24,7 +24,7 @@ from datastore.client import DataStore
 from rl.config import RolloutConfig
 from rl.plugins import load_function
 from rollout.agent import TurnOutput, run_episode
-from rl.transport import WeightHandle
+from rl.transport import ChannelSpec, WeightHandle
 from rl.waits import await_
 
 log = logging.getLogger(__name__)
@@ -248,22 +248,44 @@ class RolloutWorker:
     async def wake_up(self, tags: list[str] | None = None) -> None:
         await self.engine.wake_up(tags=tags)
 
+    async def init_weight_channel(self, spec: ChannelSpec, first_rank: int) -> dict[str, Any]:
+        """Every worker process of the engine joins the trainer's weight channel as group ranks
+        first_rank .. first_rank + tp - 1 (blocks until the trainer's rank 0 joins too)."""
+        res = await await_(self.engine.collective_rpc("streamrl_join_weight_channel", args=(asdict(spec), first_rank)),
+                           spec.timeout_s + 30, f"joining the {spec.kind} weight channel as ranks from {first_rank}",
+                           f"rollout worker {self.rank}'s vLLM engine")
+        return {"rank": self.rank, "members": res}
+
     async def update_weights(self, handle: WeightHandle) -> dict[str, Any]:
-        """Pause between engine steps, load the new weights, resume; in-flight requests continue."""
+        """Pause between engine steps (update_mode interrupt: in-flight requests continue on the new weights;
+        drain: they finish first), receive and load, resume. On a streaming channel the trainer sends at
+        the same time and the version arrives in band. A probe moves the bytes and loads nothing."""
         async with self.update_lock:
             t0 = time.perf_counter()
-            await self.engine.pause_generation(mode="keep", clear_cache=False)
+            if not handle.probe:
+                mode = "keep" if self.cfg.update_mode == "interrupt" else "wait"
+                await self.engine.pause_generation(mode=mode, clear_cache=False)
             try:
                 res = await await_(self.engine.collective_rpc("streamrl_load_weights", args=(asdict(handle),)),
-                                   self.timeout_s, f"weight load of version {handle.version}",
+                                   self.timeout_s, f"weight load ({handle.kind}, version "
+                                   f"{handle.version if handle.version >= 0 else 'from the trainer'})",
                                    f"rollout worker {self.rank}'s vLLM engine")
-                await self.engine.update_weight_version(str(handle.version))
-                self.version = handle.version
+                versions = {r["version"] for r in res}
+                if len(versions) != 1:
+                    raise RuntimeError(f"rollout worker {self.rank}: its workers loaded different versions {versions}")
+                version = versions.pop()
+                if not handle.probe:
+                    await self.engine.update_weight_version(str(version))
+                    self.version = version
             finally:
-                await self.engine.resume_generation()
+                if not handle.probe:
+                    await self.engine.resume_generation()
             t1 = time.perf_counter()
-            self.events.append({"kind": "load_weights", "start": time.time() - (t1 - t0), "end": time.time()})
-            return {"rank": self.rank, "seconds": t1 - t0, "load_seconds": max(r["seconds"] for r in res)}
+            if not handle.probe:
+                self.events.append({"kind": "load_weights", "start": time.time() - (t1 - t0), "end": time.time()})
+            return {"rank": self.rank, "version": version, "seconds": t1 - t0,
+                    "load_seconds": max(r["seconds"] for r in res), "recv_seconds": max(r["recv_s"] for r in res),
+                    "apply_seconds": max(r["load_s"] for r in res), "bytes": res[0]["bytes"]}
 
     async def prompt_logprobs(self, token_ids: list[int]) -> list[float | None]:
         """The engine's logprob of each token of `token_ids` given the tokens before it (None for the

@@ -21,7 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from datastore.client import DataStore
 from rl.config import Recipe
-from rl.transport import WeightHandle
+from rl.transport import ChannelSpec, WeightHandle
 from rl.waits import PeerDied, WaitTimeout, await_, wait
 from trainer import checkpoint
 from trainer.worker import TrainerActor
@@ -142,9 +142,23 @@ class TrainerGroup:
         return out[0]
 
     # ------------------------------------------------------------------ the weight channel
-    async def send_weights(self) -> WeightHandle:
-        refs = [r.send_weights.remote() for r in self.ranks]
-        out = await await_(refs, self.timeout, "gathered weights", f"trainer ranks 0..{len(self.ranks) - 1}")
+    def open_weight_channel(self, kind: str, num_receivers: int) -> ChannelSpec:
+        """Every rank builds its weight sender; returns rank 0's spec for the engine workers to join with.
+        Then start the engines' joins and `connect_weight_channel_ref()` together: a group forms only
+        when all its members arrive."""
+        specs = self._all([r.open_weight_channel.remote(kind, num_receivers) for r in self.ranks],
+                          f"opening the {kind} weight channel")
+        return specs[0]
+
+    def connect_weight_channel_ref(self) -> ray.ObjectRef:
+        """Rank 0's join of the weight channel, as an ObjectRef to wait on beside the engines' joins."""
+        return self.ranks[0].connect_weight_channel.remote()
+
+    async def send_weights(self, probe: bool = False) -> WeightHandle:
+        """Every rank gathers its shards bucket by bucket; rank 0 sends. On a streaming channel this returns
+        only when every engine worker has received, so start the engines' `update_weights` alongside."""
+        refs = [r.send_weights.remote(probe) for r in self.ranks]
+        out = await self._all_async(refs, "sending the weights" + (" (probe)" if probe else ""))
         return out[0]
 
     async def release_weights(self, handle: WeightHandle) -> None:

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from datastore.client import DataStore
 from datastore.controller import Take
 from rl.config import Recipe
-from rl.transport import WeightHandle, make_sender
+from rl.transport import ChannelSpec, WeightHandle
 from rl.waits import WaitTimeout
 from trainer import checkpoint
 from trainer.batching import samples_from_columns
@@ -56,7 +56,7 @@ class TrainerWorker:
         self.version = 0
         self.model: Any = None
         self.engine: Optional[PolicyTrainer] = None
-        self.sender = None
+        self.sender: Any = None  # trainer.weights.WeightSender, made by open_weight_channel
         self.ckpt_group: Any = None
         self.pending: Optional[tuple[Path, concurrent.futures.Future]] = None  # checkpoint being written
         torch.set_num_threads(recipe.trainer.threads_per_rank)
@@ -77,8 +77,6 @@ class TrainerWorker:
         self.ckpt_group = dist.new_group(backend="gloo", timeout=timeout)
         self.engine = PolicyTrainer(self.recipe, self.model_path, self.device)
         self.model = self.engine.model
-        if self.rank == 0:
-            self.sender = make_sender("shm", tag=f"{os.getpid()}")
         return {"rank": self.rank, "params": param_count(self.model), "setup_seconds": time.perf_counter() - t0}
 
     # ------------------------------------------------------------------ step
@@ -189,18 +187,30 @@ class TrainerWorker:
         return out
 
     # ------------------------------------------------------------------ weights
-    def send_weights(self) -> WeightHandle | None:
-        """Gather full tensors from the shards (a collective: every rank calls) and, on rank 0, write
-        them to the weight channel. Returns the handle on rank 0, None elsewhere."""
-        full: list[tuple[str, torch.Tensor]] = []
-        for name, tensor in self.model.state_dict().items():
-            t = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-            if self.rank == 0:
-                full.append((name, t.to("cpu", copy=False)))
-        if self.rank != 0:
-            return None
-        assert self.sender is not None
-        return self.sender.send(full, self.version)
+    def open_weight_channel(self, kind: str, num_receivers: int) -> ChannelSpec:
+        """Every rank: build the weight sender for `kind` (see trainer/weights.py); rank 0 opens the
+        rendezvous the engine workers join. Returns the spec (rank 0's is the one to hand out)."""
+        from trainer.weights import WeightSender
+
+        assert self.model is not None, "setup() first"
+        if self.sender is not None:
+            self.sender.close()
+        r = self.recipe
+        self.sender = WeightSender(self.model, self.rank, self.device, getattr(torch, r.model.dtype), kind,
+                                   int(r.rollout.weight_bucket_mb * 2**20), r.resources.wait_timeout_s)
+        return self.sender.open(num_receivers, ray.util.get_node_ip_address())
+
+    def connect_weight_channel(self) -> dict[str, Any]:
+        """Rank 0 joins the group with every engine worker (they join at the same time); no-op elsewhere."""
+        assert self.sender is not None, "open_weight_channel() first"
+        return self.sender.connect()
+
+    def send_weights(self, probe: bool = False) -> WeightHandle | None:
+        """Gather full tensors from the shards (a collective: every rank calls), cast them to the engine
+        dtype and send them bucket by bucket. Returns the handle on rank 0, None elsewhere."""
+        assert self.sender is not None, "open_weight_channel() first"
+        handle = self.sender.send(self.version, probe=probe)
+        return handle if self.rank == 0 else None
 
     def release_weights(self, handle: WeightHandle) -> None:
         if self.sender is not None:

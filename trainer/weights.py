@@ -1,0 +1,93 @@
+"""The trainer's half of a weight sync: FSDP2 shards -> full tensors -> engine dtype -> buckets -> channel.
+
+Every trainer rank walks the model's state dict in the same order and calls `full_tensor()` on each
+parameter (an all-gather over the trainer group, so every rank must take part); the ranks that pack
+(rank 0, or every rank for CUDA IPC) cast each full tensor to the engine dtype straight into the bucket's
+flat buffer, and the channel (`rl.transport`) sends the bucket while the next one is filled. Memory held
+beyond the model is about two buckets (`rollout.weight_bucket_mb`), never the whole model (except shm,
+which writes one file).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from rl.transport import Bucket, ChannelSpec, WeightHandle, gpu_uuid, make_sender, plan_buckets, tensor_view
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class WeightSender:
+    """One per trainer rank; built by `open_weight_channel` and used by every sync after it."""
+
+    def __init__(self, model: torch.nn.Module, rank: int, device: torch.device, engine_dtype: torch.dtype,
+                 kind: str, bucket_bytes: int, timeout_s: float) -> None:
+        self.model, self.rank, self.device, self.engine_dtype = model, rank, device, engine_dtype
+        self.channel = make_sender(kind, rank, device, timeout_s)
+        self.names = self._names()
+        state = model.state_dict()
+        cast = [(n, engine_dtype if state[n].is_floating_point() else state[n].dtype, tuple(state[n].shape))
+                for n in self.names]
+        self.plan: list[Bucket] = plan_buckets(cast, bucket_bytes)
+        self.nbytes = sum(b.nbytes for b in self.plan)
+
+    def _names(self) -> list[str]:
+        """State-dict keys, each parameter once (tied embeddings travel once; vLLM ties them again)."""
+        first = {n for n, _ in self.model.named_parameters()}  # one name per parameter object
+        every = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
+        return [n for n in self.model.state_dict() if n in first or n not in every]
+
+    @property
+    def kind(self) -> str:
+        return self.channel.kind
+
+    def open(self, num_receivers: int, host: str) -> ChannelSpec:
+        """Every rank: learn the trainer GPUs (a collective on CUDA); rank 0 opens the rendezvous."""
+        gpus = [gpu_uuid(self.device)]
+        import torch.distributed as dist
+
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            out: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(out, gpus[0])
+            gpus = list(out)
+        return self.channel.open(num_receivers, host, [g for g in gpus if g])
+
+    def connect(self) -> dict[str, Any]:
+        return self.channel.connect()
+
+    def send(self, version: int, probe: bool = False) -> WeightHandle:
+        """Every rank calls it (the gathers are collectives). `probe` moves as many bytes, unfilled and
+        ungathered, through the same channel: the link baseline."""
+        packs = self.rank == 0 or self.channel.every_rank_packs
+        t_start = time.perf_counter()
+        gather_s = 0.0
+        self.channel.begin(version, self.plan, probe)
+        state = None if probe else self.model.state_dict()
+        for k, bucket in enumerate(self.plan):
+            t0 = time.perf_counter()
+            buf = torch.empty(bucket.nbytes, dtype=torch.uint8, device=self.channel.buffer_device) if packs else None
+            if state is not None:
+                for spec in bucket.tensors:
+                    full = _full(state[spec.name])
+                    if buf is not None:
+                        tensor_view(buf, spec).copy_(full)  # the cast to the engine dtype happens here
+                    del full
+            gather_s += time.perf_counter() - t0
+            self.channel.send_bucket(k, buf)
+            del buf
+        handle = self.channel.end()
+        total = time.perf_counter() - t_start
+        handle.meta.update(gather_s=gather_s, send_s=total - gather_s, buckets=len(self.plan),
+                           trainer_total_s=total)
+        return handle
+
+    def release(self, handle: WeightHandle) -> None:
+        self.channel.release(handle)
+
+    def close(self) -> None:
+        self.channel.close()

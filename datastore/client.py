@@ -288,17 +288,28 @@ class DataStore:
             self.controller.release.remote(take_id=got.take_id)
 
     # ------------------------------------------------------------------ discard / release
-    def discard(self, consumer: str, partition: str, where: Where, group_size: int | None = None) -> list[int]:
-        """Rows matching `where` (whole groups when `group_size`) count as taken by `consumer` without
-        being delivered; returns their indexes. Used to drop samples past the staleness bound."""
-        check_where(where, self.tag_fields or None)
-        return self._ctl(self.controller.discard.remote(partition, consumer, dict(where), group_size),
-                         self.timeout_s, f"discard of rows for consumer '{consumer}'")
+    def discard(self, consumer: str, partition: str, where: Where | None, group_size: int | None = None, *,
+                indexes: Sequence[int] | None = None) -> list[int]:
+        """Held rows matching `where` (among `indexes` when given; whole groups when `group_size`) count
+        as taken by `consumer` without being delivered; returns their indexes. Used to drop samples past
+        the staleness bound, or (with `indexes`) groups that can never complete after a recovery."""
+        return self._ctl(self._discard_ref(consumer, partition, where, group_size, indexes), self.timeout_s,
+                         f"discard of rows for consumer '{consumer}'")
 
-    async def adiscard(self, consumer: str, partition: str, where: Where, group_size: int | None = None) -> list[int]:
+    async def adiscard(self, consumer: str, partition: str, where: Where | None, group_size: int | None = None, *,
+                       indexes: Sequence[int] | None = None) -> list[int]:
+        return await self._actl(self._discard_ref(consumer, partition, where, group_size, indexes), self.timeout_s,
+                                f"discard of rows for consumer '{consumer}'")
+
+    def _discard_ref(self, consumer: str, partition: str, where: Where | None, group_size: int | None,
+                     indexes: Sequence[int] | None) -> Any:
         check_where(where, self.tag_fields or None)
-        return await self._actl(self.controller.discard.remote(partition, consumer, dict(where), group_size),
-                                self.timeout_s, f"discard of rows for consumer '{consumer}'")
+        return self.controller.discard.remote(partition, consumer, dict(where) if where else None, group_size,
+                                              None if indexes is None else [int(i) for i in indexes])
+
+    def held(self, partition: str, consumer: str | None = None) -> list[int]:
+        """Indexes of the rows the store holds (those not yet taken by `consumer`, when given)."""
+        return self._ctl(self.controller.held.remote(partition, consumer), 30, "held row indexes")
 
     def release(self, consumer: str, take: Take | None = None) -> None:
         """Done with the rows of `take` (or of every take this thread/task made for `consumer`): they may

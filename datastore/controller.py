@@ -107,10 +107,10 @@ class StoreController:
         if self.clog is not None and consumer in self.durable and indexes:
             self.clog.append(partition, consumer, op, indexes)
 
-    async def discard(self, partition: str, consumer: str, where: dict[str, tuple[str, Any]],
-                      group_size: int | None = None) -> list[int]:
+    async def discard(self, partition: str, consumer: str, where: dict[str, tuple[str, Any]] | None,
+                      group_size: int | None = None, indexes: list[int] | None = None) -> list[int]:
         self.ledger.check_take(partition, [], where)
-        hit, evicted = self.ledger.discard(partition, consumer, where, group_size)
+        hit, evicted = self.ledger.discard(partition, consumer, where, group_size, indexes)
         self._took(partition, consumer, "discard", hit)
         self._dispatch(evicted)
         return hit
@@ -164,6 +164,9 @@ class StoreController:
     # ------------------------------------------------------------------ observability
     async def counts(self, partition: str, consumer: str | None = None) -> dict[str, Any]:
         return self.ledger.counts(partition, consumer)
+
+    async def held(self, partition: str, consumer: str | None = None) -> list[int]:
+        return self.ledger.held(partition, consumer)
 
     async def holders(self) -> str:
         return self.ledger.holders()

@@ -15,6 +15,7 @@ Rules kept here:
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
@@ -84,6 +85,53 @@ class IndexSet:
         yield from sorted(self.above)
 
 
+class SortedIndexes:
+    """Row indexes kept sorted, so "oldest first" is a walk from the front instead of a sort per take.
+
+    Rows mostly arrive in increasing index order (append) and are mostly taken from the front (a slice
+    delete), so both are cheap; anything else is a bisect and a memmove."""
+
+    def __init__(self, items: Iterable[int] = ()) -> None:
+        self.items: list[int] = sorted(set(items))
+        self.members: set[int] = set(self.items)
+
+    def add(self, i: int) -> None:
+        if i in self.members:
+            return
+        self.members.add(i)
+        if not self.items or i > self.items[-1]:
+            self.items.append(i)
+        else:
+            bisect.insort(self.items, i)
+
+    def discard(self, i: int) -> None:
+        if i in self.members:
+            self.members.remove(i)
+            k = bisect.bisect_left(self.items, i)
+            del self.items[k]
+
+    def discard_many(self, idxs: Iterable[int]) -> None:
+        idxs = [i for i in idxs if i in self.members]
+        if not idxs:
+            return
+        m = len(idxs)
+        if self.items[:m] == sorted(idxs):
+            del self.items[:m]
+            self.members.difference_update(idxs)
+        else:
+            for i in idxs:
+                self.discard(i)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __contains__(self, i: int) -> bool:
+        return i in self.members
+
+
 @dataclass
 class Take:
     """What a consumer got: row indexes in order and the storage unit holding each.
@@ -111,7 +159,7 @@ class Consumer:
 
     def __init__(self) -> None:
         self.taken: set[int] = set()  # held rows it took or discarded (evicted rows leave this set)
-        self.ready: dict[frozenset[str], set[int]] = {}  # per field set asked for: ready, untaken rows
+        self.ready: dict[frozenset[str], SortedIndexes] = {}  # per field set asked for: ready, untaken rows
         self.gen: dict[frozenset[str], int] = defaultdict(int)  # bumps when a candidate row appears/changes
         self.rows_taken = 0
         self.rows_discarded = 0
@@ -244,18 +292,17 @@ class Ledger:
         need = frozenset(fields)
         cand = c.ready.get(need)
         if cand is None:
-            cand = c.ready[need] = {i for i, m in part.rows.items() if i not in c.taken and need <= m.fields}
+            cand = c.ready[need] = SortedIndexes(i for i, m in part.rows.items() if i not in c.taken and need <= m.fields)
             c.gen.setdefault(need, 0)
-        floor = max(min_n, 1, group_size or 1)
-        if len(cand) < floor:
+        if len(cand) < max(min_n, 1, group_size or 1):
             return None
-        order = sorted(cand)
+        order: Iterable[int] = cand
         if where:
-            order = [i for i in order if matches(part.rows[i].tags, where)]
+            order = (i for i in cand if matches(part.rows[i].tags, where))
         if group_size:
             picked = self._whole_groups(order, group_size, n)
         else:
-            picked = order[:n]
+            picked = list(itertools.islice(order, n))
         if len(picked) < max(min_n, 1):
             return None
         self._mark_taken(part, c, consumer, picked)
@@ -270,25 +317,32 @@ class Ledger:
         return Take(indexes=picked, units=[part.rows[i].unit for i in picked], take_id=take_id, consumer=consumer)
 
     @staticmethod
-    def _whole_groups(order: list[int], size: int, n: int) -> list[int]:
-        by_group: dict[int, list[int]] = {}
-        for i in order:
-            by_group.setdefault(i // size, []).append(i)
+    def _whole_groups(order: Iterable[int], size: int, n: int) -> list[int]:
+        """Complete groups, oldest first, walking `order` (sorted) only as far as needed."""
         picked: list[int] = []
-        for members in by_group.values():  # `order` is sorted, so groups come oldest first
-            if len(picked) + size > n:
-                break
+        if size > n:
+            return picked
+        group, members = -1, []
+        for i in order:
+            g = i // size
+            if g != group:
+                group, members = g, []
+            members.append(i)
             if len(members) == size:
                 picked.extend(members)
+                if len(picked) + size > n:
+                    break
         return picked
 
-    def discard(self, partition: str, consumer: str, where: Where,
-                group_size: int | None = None) -> tuple[list[int], list[Evicted]]:
-        """Mark as taken by `consumer`, without delivering them, the held rows matching `where` (and the
-        rest of their groups when `group_size`). For samples too stale to train on."""
+    def discard(self, partition: str, consumer: str, where: Where | None,
+                group_size: int | None = None, indexes: Iterable[int] | None = None) -> tuple[list[int], list[Evicted]]:
+        """Mark as taken by `consumer`, without delivering them, the held rows matching `where` (only
+        among `indexes` when given), and the rest of their groups when `group_size`. For samples too
+        stale to train on, or groups that can never complete."""
         part = self.part(partition)
         c = part.consumer(consumer)
-        hit = [i for i, m in part.rows.items() if i not in c.taken and matches(m.tags, where)]
+        among = part.rows.keys() if indexes is None else [i for i in set(indexes) if i in part.rows]
+        hit = [i for i in among if i not in c.taken and matches(part.rows[i].tags, where)]
         if group_size and hit:
             groups = {i // group_size for i in hit}
             hit = [i for i in part.rows if i // group_size in groups and i not in c.taken]
@@ -302,7 +356,7 @@ class Ledger:
     def _mark_taken(self, part: Partition, c: Consumer, name: str, idxs: list[int]) -> None:
         c.taken.update(idxs)
         for cand in c.ready.values():
-            cand.difference_update(idxs)
+            cand.discard_many(idxs)
         if name in self.required_set:
             for i in idxs:
                 part.rows[i].done += 1
@@ -380,6 +434,12 @@ class Ledger:
         return [self._evict(partition, part, i) for i in list(part.rows) if self._evictable(part.rows[i])]
 
     # ------------------------------------------------------------------ observability
+    def held(self, partition: str, consumer: str | None = None) -> list[int]:
+        """Indexes of the rows held (not yet taken by `consumer`, when given), sorted."""
+        part = self.parts.get(partition) or Partition()
+        taken = part.consumers[consumer].taken if consumer in part.consumers else set()
+        return sorted(i for i in part.rows if i not in taken)
+
     def counts(self, partition: str, consumer: str | None = None) -> dict[str, Any]:
         """Rows held, ready count per field, and rows not yet taken by `consumer`."""
         part = self.parts.get(partition) or Partition()
@@ -428,7 +488,9 @@ class Ledger:
             bits = [f"partition '{name}': {st['rows']} rows held"]
             for r in self.required:
                 c = st["consumers"].get(r, {"untaken": st["rows"], "in_flight": 0, "depth": 0})
-                bits.append(f"{c['untaken']} not yet taken by '{r}' ({c['depth']} of them ready for it)")
+                asked = r in part.consumers and part.consumers[r].ready  # depth is known once it asked
+                bits.append(f"{c['untaken']} not yet taken by '{r}'"
+                            + (f" ({c['depth']} of them ready for it)" if asked else " (it has not asked yet)"))
                 if c["in_flight"]:
                     bits.append(f"{c['in_flight']} taken by '{r}' and not yet released")
             missing = {f: n for f, n in st["unready"].items() if n and f in self.finished}

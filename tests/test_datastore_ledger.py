@@ -181,3 +181,14 @@ def test_rate_meter_since_start_and_over_the_window():
     assert s["window_rows_per_s"] == pytest.approx(10.0) and s["window_bytes_per_s"] == pytest.approx(100.0)
     both = merge([s, s])
     assert both["rows"] == 400 and both["window_s"] == 10
+
+
+def test_discard_of_given_indexes_and_held_rows():
+    led = ledger(required=["trainer"])
+    put(led, [0, 1, 2, 3, 5], FIELDS, version=0)  # group 2 (4, 5) can never complete
+    held = led.held("p", "trainer")
+    incomplete = [i for i in held if sum(1 for j in held if j // 2 == i // 2) < 2]
+    hit, ev = led.discard("p", "trainer", None, indexes=incomplete + [99])
+    assert hit == [5] and ev == [("p", 0, 5)] and led.held("p") == [0, 1, 2, 3]
+    take(led, "trainer", ["x"], 2)
+    assert led.held("p", "trainer") == [2, 3]

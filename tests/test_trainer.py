@@ -49,9 +49,9 @@ def put_step(store: DataStore, step: int) -> None:
 class Run:
     """A trainer group with its own data store, fed the deterministic batches above."""
 
-    def __init__(self, rec, model: str, run_dir=None) -> None:
+    def __init__(self, rec, model: str, run_dir=None, device: str = "cpu") -> None:
         self.store = DataStore.create(1, tag_fields=["version"], declared_fields=TRAIN_FIELDS)
-        self.group = TrainerGroup(rec, model, self.store, "train", "cpu", run_dir=run_dir)
+        self.group = TrainerGroup(rec, model, self.store, "train", device, run_dir=run_dir)
         self.group.setup()
 
     def train(self, steps) -> list[dict]:

@@ -1,10 +1,11 @@
-"""The `streamrl` command: run | make-model | bench (more subcommands arrive with their features)."""
+"""The `streamrl` command: run | submit | status | logs | stop | make-model | bench."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -44,6 +45,42 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args.name, args.bench_args)
 
 
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from rl import jobs
+
+    job_id = jobs.submit(args.recipe, args.overrides, args.address, args.name)
+    print(f"submitted job {job_id} to {args.address}")
+    print(f"  follow it:   streamrl logs {job_id} --address {args.address} --follow")
+    print(f"  its status:  streamrl status {job_id} --address {args.address}")
+    print(f"  Ray dashboard: {args.address}/#/jobs/{job_id}")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from rl import jobs
+
+    print(json.dumps(jobs.status(args.job_id, args.address), indent=2))
+    return 0
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    from rl import jobs
+
+    text = jobs.logs(args.job_id, args.address, follow=args.follow)
+    if text:
+        print(text, end="")
+    return 0
+
+
+def _cmd_stop(args: argparse.Namespace) -> int:
+    from rl import jobs
+
+    jobs.stop(args.job_id, args.address)
+    final = jobs.wait_for(args.job_id, args.address, {"STOPPED"}, timeout_s=args.timeout)
+    print(f"job {args.job_id}: {final}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="streamrl", description="Asynchronous RL post-training for LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -58,6 +95,25 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("recipe", nargs="?", default=None, help="recipe YAML (default: the schema defaults)")
     mk.add_argument("overrides", nargs="*")
     mk.set_defaults(fn=_cmd_make_model)
+
+    addr = {"default": os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265"),
+            "help": "the cluster's job server (dashboard) address, e.g. http://HEAD:8265"}
+    sb = sub.add_parser("submit", help="submit a recipe to a Ray cluster as a Ray job")
+    sb.add_argument("recipe")
+    sb.add_argument("overrides", nargs="*")
+    sb.add_argument("--address", **addr)
+    sb.add_argument("--name", default=None, help="a name stored with the job")
+    sb.set_defaults(fn=_cmd_submit)
+    for verb, fn, text in (("status", _cmd_status, "a job's status"), ("logs", _cmd_logs, "a job's logs"),
+                           ("stop", _cmd_stop, "stop a job")):
+        sp = sub.add_parser(verb, help=text)
+        sp.add_argument("job_id")
+        sp.add_argument("--address", **addr)
+        if verb == "logs":
+            sp.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
+        if verb == "stop":
+            sp.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for STOPPED")
+        sp.set_defaults(fn=fn)
 
     bench = sub.add_parser("bench", help="run a benchmark: prints a table and one JSON line (see rl/bench)")
     bench.add_argument("name", help="benchmark name, e.g. datastore")
@@ -74,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as exc:
         print(f"streamrl: recipe error: {exc}", file=sys.stderr)
         return 2
+    except (ConnectionError, FileNotFoundError, TimeoutError) as exc:
+        print(f"streamrl: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

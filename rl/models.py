@@ -57,7 +57,7 @@ def build_random_model(spec: TinyModelConfig, out_dir: str | Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     build_char_tokenizer(out_dir)
-    vocab_size = 3 + len(CHARS)
+    vocab_size = max(3 + len(CHARS), spec.vocab_size)  # a larger vocab gives real models' shapes
     model_type = {"qwen2": "qwen2", "llama": "llama"}[spec.arch]
     config = AutoConfig.for_model(
         model_type,

@@ -236,34 +236,47 @@ class Ledger:
         refused: list[int] = []
         evicted: list[Evicted] = []
         share = nbytes / len(indexes) if indexes else 0.0
+        fset = frozenset(fields)
+        rows, ready_count = part.rows, part.ready_count
+        req_taken = [part.consumers[r].taken for r in self.required if r in part.consumers]
+        needs = [(c, need, cand) for c in part.consumers.values() for need, cand in c.ready.items()]
+        tag_items = list(tags.items())
+        bumped: set[tuple[int, frozenset[str]]] = set()
+        created = 0
         for k, idx in enumerate(indexes):
             if idx in part.evicted:
                 refused.append(idx)
                 continue
-            meta = part.rows.get(idx)
+            meta = rows.get(idx)
             if meta is None:
-                meta = part.rows[idx] = RowMeta(unit=unit)
-                meta.done = sum(1 for r in self.required if r in part.consumers and idx in part.consumers[r].taken)
-                self.rows_created += 1
-            was_finished = self.finished <= meta.fields
-            new = [f for f in fields if f not in meta.fields]
-            for f in new:
-                meta.fields.add(f)
-                part.ready_count[f] += 1
-            for tag, values in tags.items():
+                meta = rows[idx] = RowMeta(unit=unit, fields=set(fset))
+                meta.done = sum(1 for t in req_taken if idx in t)
+                created += 1
+                was_finished, new = False, True
+            else:
+                was_finished = self.finished <= meta.fields
+                added = fset - meta.fields
+                for f in added:
+                    meta.fields.add(f)
+                    ready_count[f] += 1
+                new = bool(added)
+            for tag, values in tag_items:
                 meta.tags[tag] = values[k]
             meta.nbytes += share
             part.nbytes += share
-            for c in part.consumers.values():
-                if idx in c.taken:
-                    continue
-                for need, cand in c.ready.items():
-                    if need <= meta.fields:
-                        cand.add(idx)
-                        c.gen[need] += 1
-            if not was_finished and self._evictable(meta):
+            for c, need, cand in needs:
+                if idx not in c.taken and need <= meta.fields:
+                    cand.add(idx)
+                    bumped.add((id(c), need))
+            if new and not was_finished and self._evictable(meta):
                 evicted.append(self._evict(partition, part, idx))
+        for f in fset:
+            ready_count[f] += created
+        for c, need, _ in needs:
+            if (id(c), need) in bumped:
+                c.gen[need] += 1
         part.known_fields.update(fields)
+        self.rows_created += created
         self.puts += 1
         self.refused += len(refused)
         return refused, evicted

@@ -158,6 +158,9 @@ class RewardConfig:
     num_workers: int = 1  # reward actors
     timeout_s: float = 10.0  # per call; a call past it is reported and scored error_score
     error_score: float = 0.0  # score given when the function raises, times out or returns garbage
+    batched: bool = False  # the function takes a list of samples and returns a list of scores
+    model_path: Optional[str] = None  # for rl.rewards:RewardModel: a sequence-classification model directory
+    model_sigmoid: bool = False  # RewardModel: squash the logit into (0, 1)
 
 
 @dataclass

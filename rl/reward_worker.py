@@ -7,8 +7,8 @@ Several workers share the consumer name "reward", so each sample is scored once.
 
 from __future__ import annotations
 
-import asyncio
 import json
+from collections import defaultdict
 import logging
 import time
 from typing import Any
@@ -17,7 +17,7 @@ import ray
 
 from datastore.client import DataStore
 from rl.config import RewardConfig
-from rl.rewards import RewardCaller, Sample, load_reward_fn
+from rl.rewards import Sample, make_reward_caller
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +29,14 @@ CONSUMER = "reward"
 class RewardWorker:
     def __init__(self, rank: int, cfg: RewardConfig, store: DataStore, partition: str, batch: int = 64) -> None:
         self.rank, self.cfg, self.store, self.partition, self.batch = rank, cfg, store, partition, batch
-        self.caller = RewardCaller(load_reward_fn(cfg.fn), cfg.timeout_s, cfg.error_score)
+        self.caller = make_reward_caller(cfg)
         self.stopping = False
         self.scored = 0
         self.errors = 0
         self.busy_s = 0.0
+        self.score_sum = 0.0
+        self.extras: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # name -> [sum, count]
+        self.recent_errors: list[dict[str, Any]] = []
 
     async def run(self) -> dict[str, Any]:
         """Score samples until `stop()`; returns totals."""
@@ -44,12 +47,20 @@ class RewardWorker:
             t0 = time.perf_counter()
             table = await self.store.afetch(self.partition, take, READ_FIELDS)
             rows = table.to_pylist()
-            results = await asyncio.gather(*[self.caller.score(_sample(r)) for r in rows])
+            results = await self.caller.score_many([_sample(r) for r in rows])
             info = [json.dumps({"error": s.error, **s.extras}) if (s.error or s.extras) else "" for s in results]
             await self.store.aput(self.partition, [r["index"] for r in rows],
                                   {"reward": [float(s.score) for s in results], "reward_info": info})
             self.scored += len(rows)
             self.errors += sum(1 for s in results if s.error)
+            self.score_sum += sum(float(s.score) for s in results)
+            for r, s in zip(rows, results):
+                for k, v in s.extras.items():
+                    self.extras[k][0] += v
+                    self.extras[k][1] += 1
+                if s.error:
+                    self.recent_errors = (self.recent_errors + [{"index": r["index"], "prompt": r["prompt"][:200],
+                                                                 "response": r["response"][:200], "error": s.error}])[-20:]
             self.busy_s += time.perf_counter() - t0
         return await self.stats()
 
@@ -57,7 +68,9 @@ class RewardWorker:
         self.stopping = True
 
     async def stats(self) -> dict[str, Any]:
-        return {"rank": self.rank, "scored": self.scored, "errors": self.errors, "busy_s": self.busy_s}
+        return {"rank": self.rank, "scored": self.scored, "errors": self.errors, "busy_s": self.busy_s,
+                "score_sum": self.score_sum, "extras": {k: list(v) for k, v in self.extras.items()},
+                "recent_errors": list(self.recent_errors)}
 
 
 def _sample(r: dict[str, Any]) -> Sample:

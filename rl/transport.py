@@ -117,7 +117,8 @@ def _plan_to_json(version: int, probe: bool, plan: list[Bucket]) -> bytes:
 
 def _plan_from_json(raw: bytes) -> tuple[int, bool, list[Bucket]]:
     d = json.loads(raw)
-    return d["version"], d["probe"], [Bucket([TensorSpec(**t) for t in b["tensors"]], b["nbytes"]) for b in d["buckets"]]
+    plan = [Bucket([TensorSpec(**t) for t in b["tensors"]], b["nbytes"]) for b in d["buckets"]]
+    return d["version"], d["probe"], plan
 
 
 # --------------------------------------------------------------------------- what travels by RPC

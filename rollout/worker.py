@@ -265,6 +265,8 @@ class RolloutWorker:
             if not handle.probe:
                 mode = "keep" if self.cfg.update_mode == "interrupt" else "wait"
                 await self.engine.pause_generation(mode=mode, clear_cache=False)
+                if await self.engine.is_sleeping():  # colocated: weights must be resident to load into
+                    await self.engine.wake_up(tags=["weights"])
             try:
                 res = await await_(self.engine.collective_rpc("streamrl_load_weights", args=(asdict(handle),)),
                                    self.timeout_s, f"weight load ({handle.kind}, version "

@@ -65,6 +65,9 @@ class DataConfig:
     prompt_key: str = "prompt"  # column holding the prompt text in a file source
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
     shuffle: bool = True  # shuffle a file source every epoch
+    template: str = ""  # Python format string over the row's fields making the prompt, e.g.
+    #                     "Question: {question}\nAnswer:"; empty uses the prompt column as is
+    chat_template: bool = False  # wrap the prompt as one user message with the tokenizer's chat template
 
 
 @dataclass

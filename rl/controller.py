@@ -23,7 +23,7 @@ import ray
 
 from datastore.client import DataStore
 from rl.config import Recipe, resolve_run_dir, to_yaml
-from rl.data import PromptStream, row_to_json, synthetic_task
+from rl.data import PromptFormatter, PromptStream, row_to_json, synthetic_task
 from rl.metrics import MetricsLogger, learning_summary, read_metrics
 from rl.models import load_tokenizer, resolve_model_path
 from rl.reward_worker import READ_FIELDS, WRITE_FIELDS, RewardActor
@@ -97,6 +97,7 @@ class Controller:
         self.model_path = resolve_model_path(r.model, self.task)
         self.tokenizer = load_tokenizer(self.model_path)
         self.prompts = PromptStream(r.data, r.seed)
+        self.format_prompt = PromptFormatter(r.data, self.tokenizer)
         if not ray.is_initialized():
             init_ray(r)
         self.store = DataStore.create(r.datastore.num_storage_units, tag_fields=["version"],
@@ -121,8 +122,9 @@ class Controller:
                 for row in self.prompts.take(cap):
                     group = self.budget.submitted
                     self.budget.on_submit()
-                    ids = self.tokenizer(row["prompt"])["input_ids"]
-                    req = GroupRequest(group=group, prompt=row["prompt"], prompt_ids=ids, row=row_to_json(row), n=n)
+                    prompt = self.format_prompt(row)
+                    ids = self.tokenizer(prompt, add_special_tokens=not self.recipe.data.chat_template)["input_ids"]
+                    req = GroupRequest(group=group, prompt=prompt, prompt_ids=ids, row=row_to_json(row), n=n)
                     task = asyncio.create_task(self._run_group(req))
                     self.group_tasks.add(task)
                     task.add_done_callback(self.group_tasks.discard)

@@ -118,6 +118,29 @@ class PromptStream:
             yield self.take(1)[0]
 
 
+class PromptFormatter:
+    """Row -> prompt text: the recipe's template over the row's fields, then optionally the chat template."""
+
+    def __init__(self, cfg: DataConfig, tokenizer) -> None:
+        self.cfg, self.tokenizer = cfg, tokenizer
+        if cfg.chat_template and not getattr(tokenizer, "chat_template", None):
+            raise RecipeError("data.chat_template = true but the model's tokenizer has no chat template")
+
+    def __call__(self, row: dict) -> str:
+        text = row["prompt"]
+        if self.cfg.template:
+            fields = {**row, "prompt": text, self.cfg.prompt_key: text}
+            try:
+                text = self.cfg.template.format(**fields)
+            except KeyError as exc:
+                raise RecipeError(f"data.template names the field {exc} that rows do not have; they have: "
+                                  f"{', '.join(sorted(fields))}") from None
+        if self.cfg.chat_template:
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                      add_generation_prompt=True)
+        return text
+
+
 def row_to_json(row: dict) -> str:
     """The dataset fields of a row (all but the prompt) as JSON, as stored beside the sample."""
     return json.dumps({k: v for k, v in row.items() if k != "prompt"}, default=str)

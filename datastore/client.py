@@ -135,7 +135,8 @@ class DataStore:
             log_fsync=cfg.log_fsync, lease_s=cfg.lease_s, stats_window_s=cfg.stats_window_s)
 
     # ------------------------------------------------------------------ put
-    def _shards(self, partition: str, indexes: Sequence[int], columns: Columns) -> dict[int, pa.RecordBatch]:
+    def _shards(self, partition: str, indexes: Sequence[int], columns: Columns,
+                replay: bool = False) -> dict[int, pa.RecordBatch]:
         _check_partition(partition)
         table = columns if isinstance(columns, pa.Table) else _table(columns)
         if INDEX in table.column_names:
@@ -144,7 +145,7 @@ class DataStore:
             raise ValueError(f"put to partition '{partition}' with no fields")
         if table.num_rows != len(indexes):
             raise ValueError(f"put of {len(indexes)} indexes with {table.num_rows} rows of fields")
-        if self.declared:
+        if self.declared and not replay:  # a log written before a field was dropped still replays
             unknown = [f for f in table.column_names if f not in self.declared]
             if unknown:
                 raise KeyError(f"put of field(s) {unknown} to partition '{partition}': not declared; declared "
@@ -161,7 +162,7 @@ class DataStore:
     def _submit_put(self, partition: str, indexes: Sequence[int], columns: Columns, timeout: float,
                     replay: bool = False) -> list[tuple[int, Any]]:
         return [(u, self.units[u].put.remote(partition, batch, timeout, replay))
-                for u, batch in self._shards(partition, indexes, columns).items()]
+                for u, batch in self._shards(partition, indexes, columns, replay).items()]
 
     def put(self, partition: str, indexes: Sequence[int], columns: Columns, timeout: float | None = None) -> None:
         """Write fields of rows; returns once every storage unit holds them and the controller knows.
@@ -192,8 +193,8 @@ class DataStore:
             raise TypeError(f"consumer must be a non-empty name; got {consumer!r}")
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int; got {n!r}")
-        if min_n is not None and not 0 <= min_n <= n:
-            raise ValueError(f"min_n={min_n} must be in [0, n={n}]")
+        if min_n is not None and not 1 <= min_n <= n:
+            raise ValueError(f"min_n={min_n} must be in [1, n={n}]")
         if group_size is not None and (group_size < 1 or n % group_size):
             raise ValueError(f"n={n} must be a multiple of group_size={group_size}")
         check_where(where, self.tag_fields or None)

@@ -15,7 +15,8 @@ from rl.waits import WaitTimeout
 def store(ray_session):
     # 8 rows / 64 KiB in all, 4 rows / 32 KiB per unit; the trainer is the one consumer rows wait for
     s = DataStore.create(num_storage_units=2, declared_fields=["x", "blob"], finished_fields=["x"],
-                         required_consumers=["trainer"], capacity_rows=8, capacity_bytes=64 * 1024, timeout_s=30)
+                         required_consumers=["trainer"], capacity_rows=8, capacity_bytes=64 * 1024, timeout_s=30,
+                         lease_s=2.0)
     yield s
     s.shutdown()
 
@@ -72,3 +73,15 @@ def test_bytes_bound_and_puts_that_can_never_fit(store):
         store.put("c", [2], {"x": [2], "blob": [b"z" * 20_000]}, timeout=0.3)  # unit 0 is at 20 of 32 KiB
     store.get("trainer", "c", ["x"], 1, timeout=5)
     store.put("c", [2], {"x": [2], "blob": [b"z" * 20_000]}, timeout=10)
+
+
+def test_rows_of_a_consumer_that_never_comes_back_are_freed_when_its_lease_expires(store):
+    for p in store.stats()["partitions"]:
+        store.discard("trainer", p, None)  # what earlier tests left
+    store.put("d", list(range(8)), {"x": list(range(8))})
+    take = store.take("trainer", "d", ["x"], 8, timeout=5)  # and then this taker "dies": no release, no next take
+    assert take.indexes == list(range(8))
+    t0 = time.monotonic()
+    store.put("d", [8], {"x": [8]}, timeout=20)  # waits for the lease (2 s) to run out
+    assert 1.0 < time.monotonic() - t0 < 15
+    assert store.held("d") == [8]

@@ -29,7 +29,7 @@ from rl.models import load_tokenizer, resolve_model_path
 from rl.reward_worker import READ_FIELDS, WRITE_FIELDS, RewardActor
 from rl.staleness import StalenessBudget
 from rl.transport import WeightHandle, pick_transport
-from rl.waits import await_, wait
+from rl.waits import WaitTimeout, await_, wait
 from rollout.router import RolloutRouter
 from rollout.worker import SAMPLE_FIELDS, GroupRequest, RolloutActor
 from trainer.group import TrainerGroup
@@ -156,9 +156,16 @@ class Controller:
         tp = r.rollout.tensor_parallel_size
         kind = pick_transport(r.rollout.weight_transport, self.device, colocated=r.rollout.colocate)
         spec = self.trainer.open_weight_channel(kind, len(engines) * tp)
-        joins = [self.rollouts[i].init_weight_channel.remote(spec, 1 + k * tp) for k, i in enumerate(engines)]
-        wait([self.trainer.connect_weight_channel_ref(), *joins], self.timeout + 60,
-             f"the {kind} weight channel to form", f"trainer rank 0 and rollout workers {engines}")
+        whom = {self.trainer.connect_weight_channel_ref(): "trainer rank 0"}
+        whom.update({self.rollouts[i].init_weight_channel.remote(spec, 1 + k * tp): f"rollout worker {i}"
+                     for k, i in enumerate(engines)})
+        pending, deadline = list(whom), time.monotonic() + self.timeout + 60
+        while pending:  # the first failure, whoever's, ends the wait
+            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                raise WaitTimeout(f"Timed out after {self.timeout + 60:.0f} s waiting for the {kind} weight channel "
+                                  f"to form: no answer from {', '.join(whom[r] for r in pending)}")
+            wait(done[0], 10, f"joining the {kind} weight channel", whom[done[0]])
         self.weight_channel, self.weight_engines = spec, engines
         log.info("weight channel: %s, trainer rank 0 + %d engine workers", kind, len(engines) * tp)
 

@@ -410,7 +410,6 @@ class StreamSender(ChannelSender):
         self.store: Any = None
         self.group: ControlGroup | None = None
         self.spec: ChannelSpec | None = None
-        self.sent_bytes = 0
 
     def open(self, num_receivers: int, host: str, sender_gpus: list[str]) -> ChannelSpec:
         spec = super().open(num_receivers, host, sender_gpus)
@@ -434,7 +433,7 @@ class StreamSender(ChannelSender):
 
     def begin(self, version: int, plan: list[Bucket], probe: bool) -> None:
         self._check()
-        self.version, self.plan, self.probe, self.sent_bytes = version, plan, probe, 0
+        self.version, self.plan, self.probe = version, plan, probe
         if self.rank == 0:
             self._guard(lambda: self._root().send_bytes(_plan_to_json(version, probe, plan), "the sync header"))
 

@@ -63,9 +63,13 @@ class StreamRLWorkerExtension:
         reload = getattr(self, "reload_weights", None)
         params = inspect.signature(reload).parameters.values() if reload is not None else []
         if any(p.name == "weights_iterator" or p.kind is p.VAR_KEYWORD for p in params):
-            reload(weights_iterator=weights)
-        else:
-            self.model_runner.model.load_weights(weights)
+            try:
+                reload(weights_iterator=weights)
+                return
+            except TypeError as exc:  # an older vLLM whose model runner reloads from disk only
+                if "weights_iterator" not in str(exc):
+                    raise
+        self.model_runner.model.load_weights(weights)
 
     def _streamrl_torch_device(self) -> torch.device:
         dev = getattr(self, "device", None)

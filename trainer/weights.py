@@ -19,7 +19,10 @@ from rl.transport import Bucket, ChannelSpec, WeightHandle, gpu_uuid, make_sende
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+    """The whole tensor behind an FSDP2 shard (an all-gather: every rank calls); a one-rank mesh has it."""
+    if not hasattr(t, "full_tensor"):
+        return t
+    return t.to_local() if t.device_mesh.size() == 1 else t.full_tensor()
 
 
 class WeightSender:

@@ -191,10 +191,12 @@ class Controller:
             loads = asyncio.ensure_future(await_([self.rollouts[i].update_weights.remote(handle) for i in engines],
                                                  self.timeout, what, f"rollout workers {engines}"))
             handle, res = await asyncio.gather(sent, loads)
-        except BaseException:
+        except BaseException as exc:
             for f in (sent, loads):
                 if f is not None:
                     f.cancel()
+            if isinstance(exc, Exception):
+                raise RuntimeError(f"{what} between the trainer and rollout workers {engines} failed: {exc}") from exc
             raise
         wrong = {x["rank"]: x["version"] for x in res if x["version"] != handle.version}
         if wrong:

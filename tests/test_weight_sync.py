@@ -173,3 +173,31 @@ def test_gpu_sync_is_exact(transport, m, tp, ray_session, tiny_model, store, tmp
                 pass
             ray.kill(w)
         group.shutdown()
+
+
+def test_dead_engine_fails_the_sync_promptly_with_a_clear_error(ray_session, tiny_model, store, tmp_path):
+    """Kill an engine between syncs: the next sync must fail within seconds (not hang in a broadcast)."""
+    import os
+    import signal
+    import time
+
+    recipe = _recipe(tiny_model, tmp_path, 1, "gloo")
+    worker = RolloutActor.options(num_cpus=0).remote(0, tiny_model, recipe.rollout, store, "p", "float32", "cpu", 0, 120)
+    ray.get(worker.start.remote(), timeout=400)
+    group = TrainerGroup(recipe, tiny_model, store, "p", "cpu")
+    try:
+        group.setup()
+        ctl = Controller(recipe)
+        ctl.trainer, ctl.rollouts = group, [worker]
+        ctl._open_weight_channel()
+        asyncio.run(ctl._sync_weights())  # a healthy sync first
+        os.kill(ray.get(worker.engine_pid.remote(), timeout=30), signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"weight update over gloo between the trainer and rollout workers \[0\]"
+                           ) as err:
+            asyncio.run(ctl._sync_weights())
+        print(f"after {time.monotonic() - t0:.1f} s: {str(err.value)[:300]}")
+        assert time.monotonic() - t0 < 60  # the channel's timeout is 120 s: the death itself was detected
+    finally:
+        ray.kill(worker)
+        group.shutdown()

@@ -20,6 +20,7 @@ import ray
 from datastore.ledger import OPS, Evicted, IndexSet, Ledger, Take  # noqa: F401  (Take, OPS: public names)
 from datastore.log import ConsumptionLog
 from datastore.stats import RateMeter
+from rl.waits import await_
 
 
 @ray.remote(num_cpus=0, max_concurrency=1000)
@@ -158,7 +159,8 @@ class StoreController:
         """After the log's rows were replayed: who had taken what, and which rows were gone already."""
         ev = self.ledger.restore(partition, consumed, evicted)
         self._dispatch(ev)
-        await asyncio.gather(*[u.restore_evicted.remote(partition, evicted) for u in self.units])
+        await await_([u.restore_evicted.remote(partition, evicted) for u in self.units], 120,
+                     f"evicted rows of '{partition}' to be noted", "the data store's storage units")
         return len(ev)
 
     # ------------------------------------------------------------------ observability

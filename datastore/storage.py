@@ -24,6 +24,7 @@ from datastore.errors import StoreFull, plain
 from datastore.ledger import IndexSet
 from datastore.log import RowLog
 from datastore.stats import RateMeter
+from rl.waits import await_
 
 INDEX = "index"
 COMPACT_MIN_BYTES = 64 * 1024  # smaller batches are not worth copying when partly evicted
@@ -218,10 +219,8 @@ class StorageUnit:
         self.shard.check(partition, batch)
         new_types = self.shard.new_types(partition, batch)
         if new_types:
-            try:
-                canon = await self.controller.register_types.remote(partition, new_types)
-            except ray.exceptions.RayTaskError as exc:
-                raise plain(exc) from None
+            canon = await self._ctl(self.controller.register_types.remote(partition, new_types), timeout,
+                                    f"the types of fields {sorted(new_types)}")
             self.shard.types[partition].update(canon)
             self.shard.check(partition, batch)
         if not replay:
@@ -235,13 +234,23 @@ class StorageUnit:
                 self.log.append(partition, self.shard.get(partition, done, self.finished))
         fields = [n for n in batch.schema.names if n != INDEX]
         tags = {t: batch.column(t).to_pylist() for t in self.tag_fields if t in fields}
-        refused = await self.controller.mark_ready.remote(partition, indexes, fields, self.unit_id, tags, batch.nbytes)
+        refused = await self._ctl(
+            self.controller.mark_ready.remote(partition, indexes, fields, self.unit_id, tags, batch.nbytes), timeout,
+            f"readiness of {len(indexes)} rows of '{partition}'")
         self.put_meter.add(len(indexes), batch.nbytes)
         if refused:
             self.shard.evict(partition, refused)
             raise ValueError(f"put to rows {refused[:8]} of partition '{partition}', which every required consumer "
                              f"already took and which were evicted; a late write is refused")
         return len(indexes)
+
+    async def _ctl(self, ref: Any, timeout: float, what: str) -> Any:
+        """A call to the controller, with a timeout; its own errors come out plain."""
+        try:
+            return await await_(ref, max(timeout, 60.0), f"the controller's answer to {what} from storage unit {self.unit_id}",
+                                "the data store controller")
+        except ray.exceptions.RayTaskError as exc:
+            raise plain(exc) from None
 
     async def _admit(self, partition: str, batch: pa.RecordBatch, timeout: float) -> None:
         """Wait until the new rows of `batch` fit this unit's capacity share; StoreFull after `timeout`."""

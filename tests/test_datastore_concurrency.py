@@ -6,7 +6,6 @@ import threading
 import time
 from collections import Counter
 
-import pytest
 import ray
 from ray import cloudpickle
 

@@ -9,6 +9,7 @@ import ray
 from datastore import log as dlog
 from datastore.client import DataStore
 from datastore.errors import StoreActorDied
+from rl.waits import PeerDied
 
 FIELDS = ["x", "version", "r"]
 KW = dict(tag_fields=["version"], declared_fields=FIELDS, required_consumers=["reward", "trainer"], timeout_s=30)
@@ -78,3 +79,15 @@ def test_a_killed_storage_unit_is_named_and_a_restart_recovers_its_rows(ray_sess
         assert got == [2, 3, 4, 5, 6, 7]  # 0 and 1 were the trainer's before the crash
     finally:
         b.shutdown()
+
+
+def test_a_dead_controller_is_named(ray_session):
+    s = DataStore.create(1, **KW)
+    try:
+        ray.kill(s.controller, no_restart=True)
+        with pytest.raises(StoreActorDied, match="data store controller"):
+            s.get("trainer", "train", ["x"], 1, timeout=2)
+        with pytest.raises(PeerDied, match="(?s)data store controller died .*storage unit 0"):
+            s.put("train", [0], {"x": [0]}, timeout=5)  # the unit cannot report the rows
+    finally:
+        s.shutdown()

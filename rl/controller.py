@@ -178,6 +178,9 @@ class Controller:
         t0 = time.perf_counter()
         router = getattr(self, "router", None)
         engines = [i for i in range(len(self.rollouts)) if router is None or router.healthy[i]]
+        if not engines:  # every engine is down or restarting: the first sync after a restart brings it up to date
+            log.warning("weight sync skipped: no live rollout engine")
+            return {"sync/total_s": 0.0, "sync/bytes": 0.0}
         if (getattr(self, "weight_channel", None) is None or engines != self.weight_engines
                 or (router is not None and any(router.needs_weights[i] for i in engines))):
             await asyncio.to_thread(self._open_weight_channel, engines)
@@ -206,13 +209,14 @@ class Controller:
             router.weights_synced(engines)
         return {"sync/total_s": time.perf_counter() - t0, "sync/open_s": t_open,
                 "sync/gather_s": handle.meta.get("gather_s", 0.0), "sync/send_s": handle.meta.get("send_s", 0.0),
+                "sync/transfer_s": handle.meta.get("transfer_s", 0.0),
                 "sync/recv_s": max(x["recv_seconds"] for x in res), "sync/load_s": max(x["apply_seconds"] for x in res),
                 "sync/bytes": float(handle.nbytes)}
 
     async def run_async(self) -> list[dict[str, Any]]:
         r = self.recipe
         total = r.trainer.total_steps
-        metrics = MetricsLogger(self.run_dir, total, progress=r.logging.progress, jsonl=r.logging.jsonl)
+        metrics = MetricsLogger(self.run_dir, r.logging, total)
         feeder = asyncio.create_task(self._feed())
         reward_runs = [w.run.remote() for w in self.rewarders]
         records = []

@@ -436,6 +436,7 @@ class StreamSender(ChannelSender):
         self.version, self.plan, self.probe = version, plan, probe
         if self.rank == 0:
             self._guard(lambda: self._root().send_bytes(_plan_to_json(version, probe, plan), "the sync header"))
+            self._guard(lambda: self._root().barrier("every receiver's arrival"))
 
     def _root(self) -> ControlGroup:
         if self.group is None:
@@ -501,6 +502,7 @@ class GlooReceiver(ChannelReceiver):
     def _header(self) -> tuple[int, bool, list[Bucket]]:
         t0 = time.perf_counter()
         version, probe, plan = _plan_from_json(self.group.recv_bytes("the sync header"))
+        self.group.barrier("every receiver's arrival")
         self.stats = {"version": version, "probe": probe, "bytes": sum(b.nbytes for b in plan),
                       "tensors": sum(len(b.tensors) for b in plan), "recv_s": time.perf_counter() - t0}
         return version, probe, plan

@@ -65,29 +65,40 @@ class WeightSender:
 
     def send(self, version: int, probe: bool = False) -> WeightHandle:
         """Every rank calls it (the gathers are collectives). `probe` moves as many bytes, unfilled and
-        ungathered, through the same channel: the link baseline."""
-        packs = self.rank == 0 or self.channel.every_rank_packs
-        t_start = time.perf_counter()
-        gather_s = 0.0
-        self.channel.begin(version, self.plan, probe)
+        ungathered, through the same channel: the link baseline. Bucket 0 is filled before the header goes
+        out, so its gather overlaps the engines' pause."""
         state = None if probe else self.model.state_dict()
-        for k, bucket in enumerate(self.plan):
+        t_start = time.perf_counter()
+        gather_s, t_ready = 0.0, t_start
+        for k in range(len(self.plan)):
             t0 = time.perf_counter()
-            buf = torch.empty(bucket.nbytes, dtype=torch.uint8, device=self.channel.buffer_device) if packs else None
-            if state is not None:
-                for spec in bucket.tensors:
-                    full = _full(state[spec.name])
-                    if buf is not None:
-                        tensor_view(buf, spec).copy_(full)  # the cast to the engine dtype happens here
-                    del full
+            buf = self._fill(k, state)
             gather_s += time.perf_counter() - t0
+            if k == 0:
+                self.channel.begin(version, self.plan, probe)  # returns when every receiver is there
+                t_ready = time.perf_counter()
             self.channel.send_bucket(k, buf)
             del buf
+        if not self.plan:
+            self.channel.begin(version, self.plan, probe)
         handle = self.channel.end()
-        total = time.perf_counter() - t_start
-        handle.meta.update(gather_s=gather_s, send_s=total - gather_s, buckets=len(self.plan),
-                           trainer_total_s=total)
+        t_end = time.perf_counter()
+        handle.meta.update(gather_s=gather_s, send_s=t_end - t_start - gather_s, transfer_s=t_end - t_ready,
+                           buckets=len(self.plan), trainer_total_s=t_end - t_start)
         return handle
+
+    def _fill(self, k: int, state: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
+        """Bucket k's buffer on the ranks that pack (None elsewhere), with every full tensor cast into it."""
+        packs = self.rank == 0 or self.channel.every_rank_packs
+        bucket = self.plan[k]
+        buf = torch.empty(bucket.nbytes, dtype=torch.uint8, device=self.channel.buffer_device) if packs else None
+        if state is not None:
+            for spec in bucket.tensors:
+                full = _full(state[spec.name])
+                if buf is not None:
+                    tensor_view(buf, spec).copy_(full)  # the cast to the engine dtype happens here
+                del full
+        return buf
 
     def release(self, handle: WeightHandle) -> None:
         self.channel.release(handle)

@@ -5,8 +5,9 @@ Qwen2-0.5B's), a trainer group of M FSDP2 ranks and E vLLM engines of tensor-par
 and for each transport: open the weight channel, then per sync run `Controller._sync_weights` (the code
 a training run uses): the trainer's gather (full_tensor + cast + pack), the transfer, the engines' load,
 each timed. The link baseline is a probe through the same channel and the same group: the same bytes in
-the same buckets, with no gather and no load (for ipc: one device copy per bucket). GB/s counts the bytes
-of one copy of the weights in the engine dtype.
+the same buckets, with no gather and no load (for ipc: one device copy per bucket): `link_s` is its
+transfer once every receiver is there (shm: the file written and read), `probe_s` the whole probe with
+its Ray and vLLM calls. GB/s counts the bytes of one copy of the weights in the engine dtype.
 
 CPU: `--transport gloo,shm` (default). One GPU: `--transport ipc` (trainer and engine share it).
 Two or more GPUs: `--transport nccl` (trainer ranks and engines on different GPUs).
@@ -210,13 +211,15 @@ def _one_transport(args: argparse.Namespace, model: str, device: str, transport:
             ray.kill(w)
         group.shutdown()
     gb = real[0]["sync/bytes"] / 1e9
-    total, link = _med(real, "sync/total_s"), _med(probe, "sync/total_s")
+    total, whole_probe = _med(real, "sync/total_s"), _med(probe, "sync/total_s")
+    # the link: the probe's bytes moving once every receiver is there (shm: written, then read)
+    link = statistics.median(p["sync/transfer_s"] + (p["sync/recv_s"] if transport == "shm" else 0.0) for p in probe)
     return {"transport": transport, "M": args.trainer_ranks, "E": args.engines, "tp": args.tp,
             "dtype": recipe.model.dtype, "GB": gb, "open_s": open_s,
             "gather_s": _med(real, "sync/gather_s"), "send_s": _med(real, "sync/send_s"),
             "recv_s": _med(real, "sync/recv_s"), "load_s": _med(real, "sync/load_s"), "sync_s": total,
             "GB/s": gb / total, "link_s": link, "link_GB/s": gb / link, "of_link": link / total,
-            "max_logprob_diff": diff}
+            "probe_s": whole_probe, "of_probe": whole_probe / total, "max_logprob_diff": diff}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

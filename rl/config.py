@@ -195,7 +195,24 @@ class LoggingConfig:
     run_dir: str = ""  # empty: runs/<date>-<time>-<name>
     name: str = "run"
     progress: bool = True  # a progress bar on the console
-    jsonl: bool = True  # metrics.jsonl in the run directory (always on for the console summary)
+    jsonl: bool = True  # metrics.jsonl in the run directory (always on for the console summary and the dashboard)
+    dashboard: bool = True  # serve the live dashboard (docs/dashboard.md) from the driver while the run goes on
+    dashboard_host: str = "auto"  # interface it listens on; auto: all (0.0.0.0) inside a Ray job or on a
+    #                               multi-node cluster, loopback (127.0.0.1) on a local run
+    dashboard_port: int = 0  # 0: a free port (printed); fix it to reach the head node through a firewall rule
+    tensorboard: bool = False  # scalars to TensorBoard event files in <run_dir>/tensorboard
+    wandb: bool = False  # scalars and the recipe to Weights & Biases (files in <run_dir>/wandb)
+    wandb_project: str = "streamrl"
+    wandb_mode: str = "offline"  # offline (no network; `wandb sync` uploads later) | online
+    mlflow: bool = False  # scalars and the recipe as params to MLflow
+    mlflow_tracking_uri: str = ""  # empty: a local file store in <run_dir>/mlruns
+    mlflow_experiment: str = "streamrl"
+
+    def __post_init__(self) -> None:
+        if self.wandb_mode not in ("offline", "online"):
+            raise RecipeError(f"Recipe key 'logging.wandb_mode' = {self.wandb_mode!r}; valid values: offline, online")
+        if not 0 <= self.dashboard_port <= 65535:
+            raise RecipeError(f"Recipe key 'logging.dashboard_port' must be in [0, 65535]; got {self.dashboard_port}")
 
 
 @dataclass

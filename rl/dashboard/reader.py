@@ -1,0 +1,261 @@
+"""What the dashboard shows, read from a run directory's files as they grow.
+
+`RunReader.refresh()` reads only what was appended since the last call: new complete lines of
+metrics.jsonl and timeline.jsonl (a line still being written waits for the next call), status.json, and new
+record batches of the data store's rollout log (<run_dir>/datastore, docs/datastore.md). The live server and
+`streamrl dashboard RUN_DIR` both use it, so a finished run looks the same as it did live.
+
+From the rollout log it keeps per-version rewards (for the reward distribution) and the most recent samples
+(for the table and its search); the metrics and spans are kept whole for the charts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from datastore.log import partitions, segments
+
+SAMPLE_COLUMNS = ["prompt", "response", "reward", "version", "finish_reason", "worker", "response_ids"]
+MAX_SAMPLES = 5000  # recent samples kept for the table and its search
+MAX_SPANS = 200_000  # timeline spans kept (oldest dropped first)
+TEXT_CHARS = 4000  # longest prompt / response text kept per sample
+REWARD_BINS = 20
+
+
+class JsonlTail:
+    """The complete lines appended to a JSON-lines file since the last read; a torn last line waits."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset = path, 0
+
+    def read(self) -> list[dict[str, Any]]:
+        try:
+            size = os.path.getsize(self.path)
+        except OSError:
+            return []
+        if size < self.offset:  # replaced by a shorter file: start over
+            self.offset = 0
+        if size == self.offset:
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(size - self.offset)
+        end = data.rfind(b"\n")
+        if end < 0:
+            return []
+        self.offset += end + 1
+        out = []
+        for line in data[:end + 1].splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut by a crash; the rest of the file is still good
+        return out
+
+
+class RolloutLogTail:
+    """New rows of the rollout log: per segment file, how many record batches were read; a segment that
+    grew is reopened (memory-mapped, so skipping the batches already read copies nothing)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.seen: dict[Path, tuple[int, int]] = {}  # segment -> (size read, batches read)
+        self.indexes: dict[str, set[int]] = {}
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.log_dir.exists():
+            return []
+        rows: list[dict[str, Any]] = []
+        for part in partitions(self.log_dir):
+            done = self.indexes.setdefault(part, set())
+            for path in segments(self.log_dir, part):
+                size = path.stat().st_size
+                old_size, old_batches = self.seen.get(path, (0, 0))
+                if size == old_size:
+                    continue
+                n, new = self._read_segment(path, old_batches)
+                self.seen[path] = (size, n)
+                for row in new:
+                    if row["index"] not in done:  # a row is logged once; a recovered log may repeat it
+                        done.add(row["index"])
+                        rows.append({"partition": part, **row})
+        return rows
+
+    @staticmethod
+    def _read_segment(path: Path, skip: int) -> tuple[int, list[dict[str, Any]]]:
+        rows: list[dict[str, Any]] = []
+        n = 0
+        try:
+            with pa.memory_map(str(path)) as source:
+                reader = pa.ipc.open_stream(source)
+                while True:
+                    try:
+                        batch = reader.read_next_batch()
+                    except StopIteration:
+                        break
+                    n += 1
+                    if n > skip:
+                        rows.extend(_sample_rows(batch))
+        except (pa.ArrowInvalid, OSError, ValueError):
+            pass  # no schema yet, or a batch still being written: read it next time
+        return n, rows
+
+
+def _sample_rows(batch: pa.RecordBatch) -> list[dict[str, Any]]:
+    names = set(batch.schema.names)
+    cols = {c: batch.column(c).to_pylist() for c in ["index", "_logged_at", *SAMPLE_COLUMNS]
+            if c in names and c != "response_ids"}
+    if "response_ids" in names:
+        cols["length"] = pc.list_value_length(batch.column("response_ids")).to_pylist()
+    out = []
+    for i in range(batch.num_rows):
+        row = {k: v[i] for k, v in cols.items()}
+        for k in ("prompt", "response"):
+            if isinstance(row.get(k), str) and len(row[k]) > TEXT_CHARS:
+                row[k] = row[k][:TEXT_CHARS] + " …"
+        row["logged_at"] = row.pop("_logged_at", None)
+        out.append(row)
+    return out
+
+
+class RunReader:
+    """Everything the page needs from one run directory; thread-safe (the server's poller refreshes it,
+    request threads read it)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.lock = threading.Lock()
+        self.metrics_tail = JsonlTail(self.run_dir / "metrics.jsonl")
+        self.timeline_tail = JsonlTail(self.run_dir / "timeline.jsonl")
+        self.rollout_tail = RolloutLogTail(self.run_dir / "datastore")
+        self.metrics: list[dict[str, Any]] = []
+        self.spans: list[list[Any]] = []
+        self.spans_dropped = 0
+        self.samples: deque[dict[str, Any]] = deque(maxlen=MAX_SAMPLES)
+        self.samples_total = 0
+        self.rewards: dict[int, list[float]] = {}
+        self.status: dict[str, Any] = {}
+        self.version = 0  # bumped whenever anything changed
+
+    def refresh(self) -> bool:
+        """Read what was appended since the last call; True if anything changed."""
+        metrics = [clean(r) for r in self.metrics_tail.read()]
+        spans = [[str(s.get("actor", "?")), str(s.get("kind", "?")), s["start"], s["end"]]
+                 for s in self.timeline_tail.read() if _finite(s.get("start")) and _finite(s.get("end"))]
+        samples = self.rollout_tail.read()
+        status = self._read_status()
+        with self.lock:
+            changed = bool(metrics or spans or samples) or status != self.status
+            self.metrics.extend(metrics)
+            self.spans.extend(spans)
+            if len(self.spans) > MAX_SPANS:
+                cut = len(self.spans) - MAX_SPANS
+                del self.spans[:cut]
+                self.spans_dropped += cut
+            for s in samples:
+                r, v = s.get("reward"), s.get("version")
+                if isinstance(r, (int, float)) and math.isfinite(r) and isinstance(v, int):
+                    self.rewards.setdefault(v, []).append(float(r))
+            self.samples.extend(clean(s) for s in samples)
+            self.samples_total += len(samples)
+            self.status = status
+            if changed:
+                self.version += 1
+        return changed
+
+    def _read_status(self) -> dict[str, Any]:
+        try:
+            return clean(json.loads((self.run_dir / "status.json").read_text()))
+        except (FileNotFoundError, ValueError):
+            return self.status  # not written yet, or caught mid-replace: keep the last one
+
+    # ------------------------------------------------------------------ what the page gets
+    def snapshot(self) -> dict[str, Any]:
+        """The whole state; `cursor` says where the next `delta` starts."""
+        with self.lock:
+            return {"kind": "snapshot", "run_dir": str(self.run_dir), "status": self.status,
+                    "metrics": list(self.metrics), "spans": list(self.spans), "rewards": self._reward_dist(),
+                    "samples_total": self.samples_total, "cursor": self._cursor()}
+
+    def delta(self, cursor: dict[str, int]) -> dict[str, Any]:
+        """What was added since `cursor` (from a snapshot or the last delta)."""
+        with self.lock:
+            m0 = cursor["metrics"]
+            s0 = max(cursor["spans"] - self.spans_dropped, 0)
+            return {"kind": "delta", "status": self.status, "metrics": self.metrics[m0:], "spans": self.spans[s0:],
+                    "rewards": self._reward_dist() if cursor["samples"] != self.samples_total else None,
+                    "samples_total": self.samples_total, "cursor": self._cursor()}
+
+    def _cursor(self) -> dict[str, int]:
+        return {"metrics": len(self.metrics), "spans": self.spans_dropped + len(self.spans),
+                "samples": self.samples_total}
+
+    def _reward_dist(self) -> dict[str, Any]:
+        """Per policy version: count, mean, and the share of its samples in each reward bin. Bins are the
+        distinct rewards when there are at most REWARD_BINS of them (0/1 rewards: two rows), else REWARD_BINS
+        equal bins spanning every reward seen; `bins` holds each bin's value (its centre)."""
+        versions = sorted(self.rewards)
+        if not versions:
+            return {"versions": []}
+        distinct = sorted({x for xs in self.rewards.values() for x in xs})
+        if len(distinct) <= REWARD_BINS:
+            where = {x: i for i, x in enumerate(distinct)}
+            bins, place = distinct, where.__getitem__
+        else:
+            lo, width = distinct[0], (distinct[-1] - distinct[0]) / REWARD_BINS
+            bins = [lo + (i + 0.5) * width for i in range(REWARD_BINS)]
+            place = lambda x: min(int((x - lo) / width), REWARD_BINS - 1)  # noqa: E731
+        out: dict[str, Any] = {"versions": versions, "bins": bins, "discrete": len(distinct) <= REWARD_BINS,
+                               "n": [], "mean": [], "share": []}
+        for v in versions:
+            xs = self.rewards[v]
+            counts = [0] * len(bins)
+            for x in xs:
+                counts[place(x)] += 1
+            out["n"].append(len(xs))
+            out["mean"].append(sum(xs) / len(xs))
+            out["share"].append([c / len(xs) for c in counts])
+        return out
+
+    def search_samples(self, query: str = "", limit: int = 100) -> dict[str, Any]:
+        """The newest kept samples whose prompt, response, version or reward contains `query` (any case)."""
+        q = query.strip().lower()
+        with self.lock:
+            kept = list(self.samples)
+            total = self.samples_total
+        hits = []
+        for s in reversed(kept):
+            if not q or q in _haystack(s):
+                hits.append(s)
+                if len(hits) >= limit:
+                    break
+        return {"query": query, "rows": hits, "kept": len(kept), "total": total,
+                "has_log": (self.run_dir / "datastore").exists()}
+
+
+def _haystack(s: dict[str, Any]) -> str:
+    return " ".join(str(s.get(k, "")) for k in ("prompt", "response", "version", "reward", "worker")).lower()
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def clean(x: Any) -> Any:
+    """JSON the browser can parse: NaN and infinities (which Python's json writes) become null."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: clean(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [clean(v) for v in x]
+    return x

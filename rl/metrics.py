@@ -121,10 +121,10 @@ class MetricsLogger:
         with self.timeline_lock:
             self.timeline.close()
         self._write_status()
-        for sink in self.sinks:
-            self._call(sink, "close", state)
-        if self.server is not None:
+        if self.server is not None:  # first, so open pages show the end without waiting for the trackers
             self.server.stop(final=True)
+        for sink in list(self.sinks):
+            self._call(sink, "close", state)
 
     # ------------------------------------------------------------------ helpers
     def _call(self, sink: Sink, method: str, *args: Any) -> None:

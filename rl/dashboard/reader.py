@@ -133,7 +133,8 @@ class RunReader:
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # guards the state below against the request threads
+        self.refreshing = threading.Lock()  # one refresh at a time (the tails keep file offsets)
         self.metrics_tail = JsonlTail(self.run_dir / "metrics.jsonl")
         self.timeline_tail = JsonlTail(self.run_dir / "timeline.jsonl")
         self.rollout_tail = RolloutLogTail(self.run_dir / "datastore")
@@ -148,6 +149,10 @@ class RunReader:
 
     def refresh(self) -> bool:
         """Read what was appended since the last call; True if anything changed."""
+        with self.refreshing:
+            return self._refresh()
+
+    def _refresh(self) -> bool:
         metrics = [clean(r) for r in self.metrics_tail.read()]
         spans = [[str(s.get("actor", "?")), str(s.get("kind", "?")), s["start"], s["end"]]
                  for s in self.timeline_tail.read() if _finite(s.get("start")) and _finite(s.get("end"))]

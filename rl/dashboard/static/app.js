@@ -12,6 +12,7 @@ const CONFIG = {displaylogo: false, responsive: true, modeBarButtonsToRemove: ["
 const KIND_COLORS = {generate: "#2f6fde", load_weights: "#f28e2b", train: "#3a9e4f", sync: "#d1495b",
                      reward: "#8c6bc8", idle: "#c9ced8", wait: "#c9ced8", checkpoint: "#8d6e63"};
 const PALETTE = ["#17becf", "#bcbd22", "#e377c2", "#7f7f7f", "#9edae5", "#ff9896"];
+const MAX_SPANS = 200000;
 const $ = (id) => document.getElementById(id);
 
 // ---------------------------------------------------------------- state from the stream
@@ -23,6 +24,7 @@ function applySnapshot(d) {
 function applyDelta(d) {
   S.metrics.push(...d.metrics);
   S.spans.push(...d.spans);
+  if (S.spans.length > MAX_SPANS) S.spans.splice(0, S.spans.length - MAX_SPANS);  // as the server keeps
   if (d.rewards) S.rewards = d.rewards;
   S.status = d.status; S.samplesTotal = d.samples_total; S.deltas += 1;
 }

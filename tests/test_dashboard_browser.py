@@ -1,0 +1,194 @@
+"""The live dashboard in a real headless Chromium, on a real run (Ray, vLLM on CPU, FSDP2 over gloo).
+
+Needs Debian's chromium and chromedriver (`apt-get install -y chromium chromium-driver`) and selenium (the
+test extra). Saves a screenshot to docs/dashboard.png and to the test's tmp dir.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rl.config import load_recipe
+from rl.controller import Controller
+from rl.metrics import read_metrics, read_status
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+SCREENSHOT = REPO / "docs" / "dashboard.png"
+INSTALL = ("install them with: apt-get install -y chromium chromium-driver (Debian's packages; root or sudo), "
+           "and selenium with: pip install -e '.[test]'")
+CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--window-size=1500,1000"]
+TOTAL_STEPS = 60  # enough steps that the page is open while the run goes on (a step is ~0.2 s on 2 cores)
+
+TRACES = "return (document.getElementById(arguments[0]).data || []).map(t => [t.name, (t.x || []).length]);"
+STATE = "return window.streamrlDashboard && {snapshots: window.streamrlDashboard.snapshots, " \
+        "deltas: window.streamrlDashboard.deltas, metrics: window.streamrlDashboard.metrics.length, " \
+        "samplesShown: window.streamrlDashboard.samplesShown};"
+
+
+def start_chromium(profile: Path):
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.fail(f"the dashboard browser test needs Debian's chromium and chromedriver on PATH "
+                    f"(found chromium={chromium}, chromedriver={driver}); {INSTALL}")
+    try:
+        from selenium import webdriver
+    except ImportError:
+        pytest.fail(f"the dashboard browser test needs selenium; {INSTALL}")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in [*CHROME_FLAGS, f"--user-data-dir={profile}"]:
+        opts.add_argument(flag)
+    browser = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver))
+    browser.set_page_load_timeout(60)
+    browser.set_script_timeout(30)
+    return browser
+
+
+def until(browser, timeout: float, what: str, fn) -> Any:
+    """Selenium's wait, failing with what was awaited and the page's state."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        return WebDriverWait(browser, timeout, poll_frequency=0.2).until(lambda b: fn(b))
+    except TimeoutException:
+        raise AssertionError(f"waited {timeout} s for {what}; page state: {browser.execute_script(STATE)}, "
+                             f"console: {browser.get_log('browser')[-5:]}") from None
+
+
+def dashboard_url(run_dir: Path, runner: threading.Thread, timeout: float) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        url = read_status(run_dir).get("dashboard_url")
+        if url:
+            return url
+        assert runner.is_alive(), "the run ended before MetricsLogger wrote status.json with the dashboard URL"
+        time.sleep(0.1)
+    raise AssertionError(f"no dashboard_url in {run_dir / 'status.json'} within {timeout} s of the run starting")
+
+
+def traces(browser, chart: str) -> dict[str, int]:
+    return dict(browser.execute_script(TRACES, chart))
+
+
+def expected_points(records: list[dict], key: str) -> int:
+    return sum(1 for r in records if isinstance(r.get(key), (int, float)) and r[key] == r[key])
+
+
+def test_live_dashboard_in_chromium(ray_session, tiny_model, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    run_dir = tmp_path / "run"
+    recipe = load_recipe("recipes/cpu_default.yaml", [
+        f"model.path={tiny_model}", f"logging.run_dir={run_dir}", "logging.progress=false", "logging.name=browser-test",
+        "logging.dashboard=true", "logging.dashboard_host=127.0.0.1", f"trainer.total_steps={TOTAL_STEPS}",
+        "trainer.batch_groups=2", "rollout.group_size=4", "algorithm.eta=1", "resources.wait_timeout_s=300"])
+    browser = start_chromium(tmp_path / "chrome-profile")  # before the run, so the page opens while it goes on
+    ctl = Controller(recipe)
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["records"] = ctl.run()
+        except BaseException as exc:  # reported by the main thread
+            outcome["error"] = exc
+
+    runner = threading.Thread(target=run, name="controller-run", daemon=True)
+    try:
+        ctl.build()
+        runner.start()
+        browser.get(dashboard_url(run_dir, runner, timeout=120))
+        first = until(browser, 60, "the page's first snapshot over /events",
+                      lambda b: (b.execute_script(STATE) or {}).get("snapshots", 0) >= 1 and b.execute_script(STATE))
+        step0 = int(browser.find_element(By.ID, "step").text)
+        points0 = traces(browser, "chart-reward").get("reward/mean", 0)
+        print(f"page connected at step {step0} of {TOTAL_STEPS}")
+        assert step0 < TOTAL_STEPS, (f"the run had finished ({step0} steps) before the page connected; "
+                                     "raise TOTAL_STEPS so the page sees it live")
+        # live: the step counter and the reward chart grow while the page stays open (no reload)
+        until(browser, 120, f"the step counter to pass {step0 + 2} through live updates",
+              lambda b: int(b.find_element(By.ID, "step").text) >= step0 + 2)
+        live = browser.execute_script(STATE)
+        assert live["deltas"] >= 1 and live["snapshots"] == first["snapshots"] == 1
+        assert traces(browser, "chart-reward")["reward/mean"] > points0
+        assert browser.find_element(By.ID, "state").text == "running"
+
+        runner.join(timeout=300)
+        assert not runner.is_alive(), "the run did not finish within 300 s"
+        assert "error" not in outcome, f"the run failed: {outcome.get('error')!r}"
+        until(browser, 30, "the page to show the run finished",
+              lambda b: b.find_element(By.ID, "state").text == "finished")
+        assert browser.find_element(By.ID, "step").text == str(TOTAL_STEPS)
+        assert browser.find_element(By.ID, "total").text == str(TOTAL_STEPS)
+
+        # every chart holds the run's data: as many points as metrics.jsonl has values of its key
+        records = read_metrics(run_dir)
+        assert len(records) == TOTAL_STEPS
+        for chart, key in [("chart-reward", "reward/mean"), ("chart-length", "response/len_mean"),
+                           ("chart-kl", "actor/kl_behaviour"), ("chart-entropy", "actor/entropy"),
+                           ("chart-clip", "actor/clip_frac"), ("chart-gradnorm", "actor/grad_norm"),
+                           ("chart-loss", "actor/loss"), ("chart-steptime", "time/train_s")]:
+            assert expected_points(records, key) == TOTAL_STEPS, f"metrics.jsonl lacks {key}"
+            assert traces(browser, chart).get(key) == TOTAL_STEPS, (chart, key, traces(browser, chart))
+        throughput = traces(browser, "chart-throughput")
+        assert throughput["samples/s trained"] == throughput["tokens/s generated"] == TOTAL_STEPS
+        staleness = traces(browser, "chart-staleness")
+        if any("staleness/hist" in r for r in records):
+            assert sum(staleness.values()) > 0
+        else:
+            assert staleness.get("staleness/mean") == TOTAL_STEPS
+
+        # the timeline, whole run: one bar per span in timeline.jsonl, a row per actor
+        spans = [json.loads(x) for x in (run_dir / "timeline.jsonl").read_text().splitlines() if x.strip()]
+        Select(browser.find_element(By.ID, "timeline-window")).select_by_value("0")
+        until(browser, 10, "the timeline to show the whole run",
+              lambda b: sum(traces(b, "chart-timeline").values()) == len(spans))
+        kinds = traces(browser, "chart-timeline")
+        assert {s["kind"] for s in spans} == set(kinds) and {"train", "sync"} <= set(kinds)
+        rows = browser.execute_script("return [...new Set(document.getElementById('chart-timeline').data"
+                                      ".flatMap(t => t.y))];")
+        assert {r.split(" · ")[0] for r in rows} == {s["actor"] for s in spans}
+        assert all(r.endswith("% busy") for r in rows)
+
+        # the samples table agrees with the rollout log (when the controller writes one)
+        log_dir = run_dir / "datastore"
+        until(browser, 20, "the samples table to load",
+              lambda b: (b.execute_script(STATE) or {}).get("samplesShown") is not None)
+        shown = browser.execute_script(STATE)["samplesShown"]
+        if log_dir.exists():
+            from datastore.log import read_rows
+
+            assert shown == min(100, read_rows(log_dir, "train").num_rows) > 0
+        else:
+            assert shown == 0 and "no rollout log" in browser.find_element(By.ID, "samples-info").text
+
+        for _ in range(3):  # grow the window until the whole page fits (the window's frame takes some height)
+            fit = browser.execute_script("return [document.documentElement.scrollHeight, window.innerHeight]")
+            if fit[1] >= fit[0]:
+                break
+            browser.set_window_size(1500, browser.get_window_size()["height"] + fit[0] - fit[1] + 20)
+        browser.execute_script("window.scrollTo(0, 0)")
+        time.sleep(1.0)  # plotly re-lays out the charts for the new size (a bounded pause, nothing awaited)
+        shot = tmp_path / "dashboard.png"
+        assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 50_000
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        shutil.copyfile(shot, SCREENSHOT)
+        print(f"dashboard screenshot: {shot} and {SCREENSHOT}")
+    finally:
+        browser.quit()
+        if hasattr(ctl, "rollouts"):  # build got as far as starting actors
+            ctl.shutdown()
+        if runner.ident is not None:
+            runner.join(timeout=60)

@@ -195,7 +195,7 @@ class LoggingConfig:
     run_dir: str = ""  # empty: runs/<date>-<time>-<name>
     name: str = "run"
     progress: bool = True  # a progress bar on the console
-    jsonl: bool = True  # metrics.jsonl in the run directory (always on for the console summary and the dashboard)
+    jsonl: bool = True  # metrics.jsonl in the run directory; the dashboard's charts read it (false leaves them empty)
     dashboard: bool = True  # serve the live dashboard (docs/dashboard.md) from the driver while the run goes on
     dashboard_host: str = "auto"  # interface it listens on; auto: all (0.0.0.0) inside a Ray job or on a
     #                               multi-node cluster, loopback (127.0.0.1) on a local run

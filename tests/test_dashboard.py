@@ -21,7 +21,7 @@ from datastore.log import RowLog
 from rl.config import load_recipe
 from rl.dashboard import DashboardServer
 from rl.dashboard.reader import RunReader
-from rl.metrics import MetricsLogger, read_status
+from rl.metrics import MetricsLogger, dashboard_host, read_status
 
 HTTP_TIMEOUT = 10
 
@@ -204,3 +204,12 @@ def test_cli_dashboard_names_a_missing_run_directory(tmp_path):
     out = subprocess.run([sys.executable, "-m", "rl.cli", "dashboard", str(tmp_path / "nope")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "run directory not found" in out.stderr
+
+
+def test_dashboard_host_auto_opens_up_only_inside_a_ray_job(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert dashboard_host("10.1.2.3") == "10.1.2.3"
+    assert dashboard_host("auto") == "127.0.0.1"  # a local run (a local Ray has one node)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # a Ray job's driver has this
+    assert dashboard_host("auto") == "0.0.0.0"

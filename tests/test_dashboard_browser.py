@@ -31,9 +31,8 @@ CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-sh
 TOTAL_STEPS = 60  # enough steps that the page is open while the run goes on (a step is ~0.2 s on 2 cores)
 
 TRACES = "return (document.getElementById(arguments[0]).data || []).map(t => [t.name, (t.x || []).length]);"
-STATE = "return window.streamrlDashboard && {snapshots: window.streamrlDashboard.snapshots, " \
-        "deltas: window.streamrlDashboard.deltas, metrics: window.streamrlDashboard.metrics.length, " \
-        "samplesShown: window.streamrlDashboard.samplesShown};"
+STATE = "const s = window.streamrlDashboard; return s && {snapshots: s.snapshots, deltas: s.deltas, " \
+        "renders: s.renders, metrics: s.metrics.length, samplesShown: s.samplesShown};"
 
 
 def start_chromium(profile: Path):
@@ -110,20 +109,20 @@ def test_live_dashboard_in_chromium(ray_session, tiny_model, tmp_path):
         ctl.build()
         runner.start()
         browser.get(dashboard_url(run_dir, runner, timeout=120))
-        first = until(browser, 60, "the page's first snapshot over /events",
-                      lambda b: (b.execute_script(STATE) or {}).get("snapshots", 0) >= 1 and b.execute_script(STATE))
+        first = until(browser, 60, "the page's first snapshot over /events, drawn",
+                      lambda b: (b.execute_script(STATE) or {}).get("renders", 0) >= 1 and b.execute_script(STATE))
         step0 = int(browser.find_element(By.ID, "step").text)
         points0 = traces(browser, "chart-reward").get("reward/mean", 0)
         print(f"page connected at step {step0} of {TOTAL_STEPS}")
         assert step0 < TOTAL_STEPS, (f"the run had finished ({step0} steps) before the page connected; "
                                      "raise TOTAL_STEPS so the page sees it live")
+        assert browser.find_element(By.ID, "state").text == "running"
         # live: the step counter and the reward chart grow while the page stays open (no reload)
         until(browser, 120, f"the step counter to pass {step0 + 2} through live updates",
               lambda b: int(b.find_element(By.ID, "step").text) >= step0 + 2)
         live = browser.execute_script(STATE)
         assert live["deltas"] >= 1 and live["snapshots"] == first["snapshots"] == 1
         assert traces(browser, "chart-reward")["reward/mean"] > points0
-        assert browser.find_element(By.ID, "state").text == "running"
 
         runner.join(timeout=300)
         assert not runner.is_alive(), "the run did not finish within 300 s"

@@ -19,8 +19,6 @@ from rl.config import load_recipe
 from rl.controller import Controller
 from rl.metrics import read_metrics, read_status
 
-pytestmark = pytest.mark.slow
-
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "docs" / "dashboard.png"
 INSTALL = ("install them with: apt-get install -y chromium chromium-driver (Debian's packages; root or sudo), "
@@ -85,6 +83,7 @@ def expected_points(records: list[dict], key: str) -> int:
     return sum(1 for r in records if isinstance(r.get(key), (int, float)) and r[key] == r[key])
 
 
+@pytest.mark.slow
 def test_live_dashboard_in_chromium(ray_session, tiny_model, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
@@ -191,3 +190,40 @@ def test_live_dashboard_in_chromium(ray_session, tiny_model, tmp_path):
             ctl.shutdown()
         if runner.ident is not None:
             runner.join(timeout=60)
+
+
+def test_samples_search_and_reward_distribution_in_chromium(tmp_path):
+    """The panels fed by the rollout log, on a run directory written by the log's real writer (a run's
+    controller may not write one yet): the reward heatmap per version and the sample search."""
+    import pyarrow as pa
+    from selenium.webdriver.common.by import By
+
+    from datastore.log import RowLog
+    from rl.dashboard import DashboardServer
+
+    log = RowLog(tmp_path / "datastore", 0, "s1")
+    for version in range(3):  # 8 samples per version; version v answers v+1 of them right
+        idx = list(range(8 * version, 8 * version + 8))
+        log.append("train", pa.table({
+            "index": idx, "prompt": [f"{i}+{i}=" for i in idx], "response": [str(2 * i) for i in idx],
+            "response_ids": [[1, 2]] * 8, "reward": [1.0 if k <= version else 0.0 for k in range(8)],
+            "version": [version] * 8}))
+    log.close()
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward/mean": s / 4}) + "\n" for s in range(3)))
+    server = DashboardServer(tmp_path, "127.0.0.1", 0).start()
+    browser = start_chromium(tmp_path / "chrome-profile")
+    try:
+        browser.get(server.url)
+        until(browser, 30, "the samples table to fill", lambda b: (b.execute_script(STATE) or {}).get("samplesShown") == 24)
+        heat = browser.execute_script("const t = document.getElementById('chart-reward-dist').data[0]; "
+                                      "return [t.type, t.x, t.y, t.z];")
+        assert heat[0] == "heatmap" and heat[1] == [0, 1, 2] and heat[2] == ["0", "1"]
+        assert heat[3][1] == [1 / 8, 2 / 8, 3 / 8]  # share of reward 1 per version
+        browser.find_element(By.ID, "search").send_keys("13+13")
+        until(browser, 10, "the search to narrow the table to one sample",
+              lambda b: len(b.find_elements(By.CSS_SELECTOR, "#samples tbody tr")) == 1)
+        cells = [td.text for td in browser.find_elements(By.CSS_SELECTOR, "#samples tbody tr td")]
+        assert cells[:5] == ["1", "0.000", "2", "13+13=", "26"]
+    finally:
+        browser.quit()
+        server.stop()

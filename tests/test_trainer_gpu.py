@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from test_trainer import Run, identical, recipe
+from test_trainer import Run, identical, recipe, relative_difference
 
 pytestmark = pytest.mark.gpu
 
@@ -41,7 +41,9 @@ def test_cuda_bf16_steps_checkpoint_and_export(ray_session, tiny_model, tmp_path
         assert b.group.load_checkpoint(tmp_path / "a" / "checkpoints" / "step_2") == 2
         assert identical(b.group.full_params(), at_2)
         b.train(range(2, 4))
-        assert identical(b.group.full_params(), final)  # bit-exact resume on GPU too
+        # the restored state is exact (above); training on from it matches up to CUDA's nondeterministic
+        # kernels (atomics in attention and scatter backward), so compare relative to the update
+        assert relative_difference(final, b.group.full_params(), at_2) < 1e-2
     finally:
         b.close()
     from transformers import AutoModelForCausalLM

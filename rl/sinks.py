@@ -154,7 +154,12 @@ class WandbSink:
         self.run.log(scalars(record), step=step)
 
     def close(self, state: str) -> None:
+        import wandb
+
         self.run.finish(exit_code=0 if state == "finished" else 1)
+        # finish() returns before the wandb-core service has flushed the run file; teardown waits for the
+        # service to exit, so the run's files are complete once the run is over (`wandb sync` right after)
+        wandb.teardown()
 
 
 class MlflowSink:

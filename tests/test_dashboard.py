@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from datastore.log import RowLog
+from datastore.log import RowLog, segments
 from rl.config import load_recipe
 from rl.dashboard import DashboardServer
 from rl.dashboard.reader import RunReader
@@ -97,6 +97,20 @@ def test_reader_takes_only_complete_appends(tmp_path):
     found = reader.search_samples("6+1")
     assert [r["index"] for r in found["rows"]] == [6] and found["rows"][0]["length"] == 1
     assert [r["index"] for r in reader.search_samples("", limit=3)["rows"]] == [7, 6, 5]  # newest first
+
+    # a record batch caught half written is read once it is whole, from where the reader had got to
+    (segment,) = segments(tmp_path / "datastore", "train")
+    schema = pa.ipc.open_stream(pa.OSFile(str(segment))).schema
+    batch = samples(8, 2, version=2, reward=0.5).append_column("_logged_at", pa.array([1.0, 1.0]))
+    message = batch.cast(schema).to_batches()[0].serialize().to_pybytes()
+    with open(segment, "ab") as f:
+        f.write(message[:len(message) // 2])
+    assert not reader.refresh()
+    with open(segment, "ab") as f:
+        f.write(message[len(message) // 2:])
+    assert reader.refresh()
+    assert [r["index"] for r in reader.search_samples("", limit=2)["rows"]] == [9, 8]
+    assert reader.snapshot()["rewards"]["versions"] == [0, 1, 2]
     log.close()
 
 

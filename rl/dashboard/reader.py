@@ -63,12 +63,13 @@ class JsonlTail:
 
 
 class RolloutLogTail:
-    """New rows of the rollout log: per segment file, how many record batches were read; a segment that
-    grew is reopened (memory-mapped, so skipping the batches already read copies nothing)."""
+    """New rows of the rollout log. Each segment is an Arrow IPC stream that only grows; per segment it keeps
+    the byte offset after the last complete message and the stream's schema, and reads on from there, so a
+    refresh costs what was appended, however long the run. A message still being written waits."""
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
-        self.seen: dict[Path, tuple[int, int]] = {}  # segment -> (size read, batches read)
+        self.seen: dict[Path, tuple[int, pa.Schema | None]] = {}  # segment -> (offset read to, schema)
         self.indexes: dict[str, set[int]] = {}
 
     def read(self) -> list[dict[str, Any]]:
@@ -78,36 +79,38 @@ class RolloutLogTail:
         for part in partitions(self.log_dir):
             done = self.indexes.setdefault(part, set())
             for path in segments(self.log_dir, part):
-                size = path.stat().st_size
-                old_size, old_batches = self.seen.get(path, (0, 0))
-                if size == old_size:
+                offset, schema = self.seen.get(path, (0, None))
+                if path.stat().st_size <= offset:
                     continue
-                n, new = self._read_segment(path, old_batches)
-                self.seen[path] = (size, n)
+                offset, schema, new = _read_messages(path, offset, schema)
+                self.seen[path] = (offset, schema)
                 for row in new:
                     if row["index"] not in done:  # a row is logged once; a recovered log may repeat it
                         done.add(row["index"])
                         rows.append({"partition": part, **row})
         return rows
 
-    @staticmethod
-    def _read_segment(path: Path, skip: int) -> tuple[int, list[dict[str, Any]]]:
-        rows: list[dict[str, Any]] = []
-        n = 0
-        try:
-            with pa.memory_map(str(path)) as source:
-                reader = pa.ipc.open_stream(source)
-                while True:
-                    try:
-                        batch = reader.read_next_batch()
-                    except StopIteration:
-                        break
-                    n += 1
-                    if n > skip:
-                        rows.extend(_sample_rows(batch))
-        except (pa.ArrowInvalid, OSError, ValueError):
-            pass  # no schema yet, or a batch still being written: read it next time
-        return n, rows
+
+def _read_messages(path: Path, offset: int, schema: pa.Schema | None) -> tuple[int, pa.Schema | None, list]:
+    """Rows of the complete IPC messages of `path` from `offset`; returns the offset after the last one."""
+    rows: list[dict[str, Any]] = []
+    try:
+        with pa.memory_map(str(path)) as source:
+            source.seek(offset)
+            reader = pa.ipc.MessageReader.open_stream(source)
+            while True:
+                try:
+                    message = reader.read_next_message()
+                except StopIteration:  # end of what is there (or the writer's end-of-stream mark)
+                    break
+                if message.type == "schema":
+                    schema = pa.ipc.read_schema(message)
+                elif message.type == "record batch" and schema is not None:
+                    rows.extend(_sample_rows(pa.ipc.read_record_batch(message, schema)))
+                offset = source.tell()
+    except (pa.ArrowInvalid, OSError, ValueError):
+        pass  # a message still being written (or nothing yet): read from `offset` next time
+    return offset, schema, rows
 
 
 def _sample_rows(batch: pa.RecordBatch) -> list[dict[str, Any]]:

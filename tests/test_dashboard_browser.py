@@ -209,12 +209,16 @@ def test_samples_search_and_reward_distribution_in_chromium(tmp_path):
             "response_ids": [[1, 2]] * 8, "reward": [1.0 if k <= version else 0.0 for k in range(8)],
             "version": [version] * 8}))
     log.close()
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward/mean": s / 4}) + "\n" for s in range(3)))
+    steps = [0, 1, 2, 1, 2]  # resumed after step 0: steps 1 and 2 again, the later records count
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward/mean": k / 4}) + "\n"
+                                                    for k, s in enumerate(steps)))
     server = DashboardServer(tmp_path, "127.0.0.1", 0).start()
     browser = start_chromium(tmp_path / "chrome-profile")
     try:
         browser.get(server.url)
         until(browser, 30, "the samples table to fill", lambda b: (b.execute_script(STATE) or {}).get("samplesShown") == 24)
+        reward = browser.execute_script("const t = document.getElementById('chart-reward').data[2]; return [t.x, t.y];")
+        assert reward == [[0, 1, 2], [0, 0.75, 1]]
         heat = browser.execute_script("const t = document.getElementById('chart-reward-dist').data[0]; "
                                       "return [t.type, t.x, t.y, t.z];")
         assert heat[0] == "heatmap" and heat[1] == [0, 1, 2] and heat[2] == ["0", "1"]

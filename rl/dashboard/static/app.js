@@ -50,15 +50,24 @@ function schedule() { if (!pending) pending = setTimeout(() => { pending = null;
 // ---------------------------------------------------------------- helpers
 const finite = (v) => typeof v === "number" && isFinite(v);
 
+let VIEW = [];  // the metrics by step, the last record of a step winning (a resumed run repeats the steps
+               // after its checkpoint), sorted by step; rebuilt on each render
+
+function byStep(records) {
+  const last = new Map();
+  for (const r of records) last.set(r.step, r);
+  return [...last.values()].sort((a, b) => a.step - b.step);
+}
+
 function series(key) {
   const x = [], y = [];
-  for (const r of S.metrics) if (finite(r[key])) { x.push(r.step); y.push(r[key]); }
+  for (const r of VIEW) if (finite(r[key])) { x.push(r.step); y.push(r[key]); }
   return {x, y};
 }
 
 function keys(re) {
   const out = new Set();
-  for (const r of S.metrics) for (const k in r) if (re.test(k) && finite(r[k])) out.add(k);
+  for (const r of VIEW) for (const k in r) if (re.test(k) && finite(r[k])) out.add(k);
   return [...out].sort();
 }
 
@@ -89,7 +98,7 @@ function fmtDuration(s) {
 // ---------------------------------------------------------------- header
 function stepsDone() {
   const st = S.status;
-  return finite(st.steps_done) ? st.steps_done : S.metrics.length;
+  return finite(st.steps_done) ? st.steps_done : VIEW.length;
 }
 
 function renderHeader() {
@@ -176,7 +185,7 @@ function renderThroughput() {
 function renderStaleness() {
   const total = new Map();
   let last = null;
-  for (const r of S.metrics) {
+  for (const r of VIEW) {
     const h = r["staleness/hist"];
     if (h && typeof h === "object") {
       last = h;
@@ -311,6 +320,7 @@ function maybeLoadSamples() {
 
 // ---------------------------------------------------------------- all of it
 function render() {
+  VIEW = byStep(S.metrics);
   renderHeader();
   renderReward();
   renderRewardDist();

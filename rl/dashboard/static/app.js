@@ -217,7 +217,8 @@ function renderStaleness() {
 }
 
 function renderQueues() {
-  const ks = keys(/^datastore\/[^/]+\/(depth|in_flight|unready)\/|^datastore\/waiting_(puts|takes)$/);
+  // queues per consumer; of the per-field counts only rows waiting for their reward (the rest move together)
+  const ks = keys(/^datastore\/[^/]+\/(depth|in_flight)\/|^datastore\/[^/]+\/unready\/reward$|^datastore\/waiting_(puts|takes)$/);
   const traces = lines(ks);
   const held = series("datastore/rows_held");
   if (held.x.length) traces.push({...held, name: "datastore/rows_held", yaxis: "y2", type: "scatter", mode: "lines",

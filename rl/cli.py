@@ -1,4 +1,4 @@
-"""The `streamrl` command: run | submit | status | logs | stop | make-model | bench."""
+"""The `streamrl` command: run | resume | submit | status | logs | stop | dashboard | make-model | bench."""
 
 from __future__ import annotations
 
@@ -20,6 +20,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     run_dir, records = run_recipe(recipe, Path(args.run_dir) if args.run_dir else None)
     summary = learning_summary(records)
     print(f"\nrun directory: {run_dir}")
+    if summary:
+        print(f"reward: first 10% of steps {summary['first10']:.3f} -> last 10% {summary['last10']:.3f} "
+              f"(gain {summary['gain']:+.3f} over {summary['steps']} steps)")
+    return 0
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from rl.controller import Controller
+    from rl.metrics import learning_summary, read_metrics
+
+    ctl = Controller.from_run_dir(Path(args.run_dir), args.overrides)
+    ctl.build()
+    try:
+        ctl.run()
+    finally:
+        ctl.shutdown()
+    summary = learning_summary(read_metrics(ctl.run_dir))
+    print(f"\nrun directory: {ctl.run_dir} (resumed at step {ctl.start_step})")
     if summary:
         print(f"reward: first 10% of steps {summary['first10']:.3f} -> last 10% {summary['last10']:.3f} "
               f"(gain {summary['gain']:+.3f} over {summary['steps']} steps)")
@@ -108,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.world_size=2")
     run.add_argument("--run-dir", default=None, help="run directory (default: logging.run_dir or runs/<time>-<name>)")
     run.set_defaults(fn=_cmd_run)
+
+    rs = sub.add_parser("resume", help="continue a killed run from its last checkpoint and its data store log")
+    rs.add_argument("run_dir")
+    rs.add_argument("overrides", nargs="*", help="key=value overrides on top of the run's saved recipe")
+    rs.set_defaults(fn=_cmd_resume)
 
     mk = sub.add_parser("make-model", help="build (or find in the cache) the warm-started tiny model of a recipe")
     mk.add_argument("recipe", nargs="?", default=None, help="recipe YAML (default: the schema defaults)")

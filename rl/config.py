@@ -130,6 +130,7 @@ class TrainerConfig:
     warmup_steps: int = 0  # linear warmup of the learning rate over this many steps
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
     critic_lr: float = 1e-3  # AdamW learning rate of the critic (algorithm.advantage = gae)
+    export_final: bool = True  # write the final model as a Hugging Face directory to <run_dir>/final_model
     checkpoint_every: int = 0  # steps between distributed checkpoints in <run_dir>/checkpoints/step_<N>; 0 = none
     keep_checkpoints: int = 0  # newest checkpoints kept on disk; 0 keeps every one
 
@@ -137,6 +138,8 @@ class TrainerConfig:
 @dataclass
 class AlgorithmConfig:
     eta: int = 1  # staleness bound: a sample made by version v is trained at version <= v + eta
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, draw more prompts
+    dynamic_sampling_max_drops: int = 0  # give up after this many signal-free groups in a row; 0 = 20 batches
     advantage: str = "grpo"  # advantage estimator, see rl.algorithms.ADVANTAGES
     std_normalize: bool = True  # GRPO: divide by the group's reward std
     policy_loss: str = "decoupled_ppo"  # see rl.algorithms.POLICY_LOSSES

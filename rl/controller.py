@@ -1,7 +1,8 @@
 """The single controller: builds the actors, then runs the staleness-bounded asynchronous schedule.
 
-    feeder (background): while the budget allows, draw prompts and start groups on rollout workers
-    reward workers (background): score finished samples as they stream into the store
+    background (rl.schedule): the feeder starts groups on the rollout router while the staleness budget
+      allows; reward workers score samples as they stream into the store; with dynamic sampling a filter
+      drops signal-free groups; worker activity spans flow to the timeline
     loop: train a step on B ready groups -> push the new weights to every engine -> log
 
 Rollout never waits for training and training never waits for the slowest rollout; only the staleness
@@ -15,18 +16,18 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import ray
 
 from datastore.client import DataStore
-from rl.config import Recipe, resolve_run_dir, to_yaml
+from rl.config import Recipe, RecipeError, load_recipe, resolve_run_dir, to_yaml
 from rl.data import PromptFormatter, PromptStream, row_to_json, synthetic_task
+from rl.schedule import Colocation, Feeder, GroupFilter, SpanCollector
 from rl.metrics import MetricsLogger, learning_summary, read_metrics
 from rl.models import load_tokenizer, resolve_model_path
-from rl.reward_worker import READ_FIELDS, WRITE_FIELDS, RewardActor
+from rl.reward_worker import WRITE_FIELDS, RewardActor
 from rl.staleness import StalenessBudget
 from rl.transport import WeightHandle, pick_transport
 from rl.waits import WaitTimeout, await_, wait
@@ -37,6 +38,7 @@ from trainer.group import TrainerGroup
 log = logging.getLogger(__name__)
 
 PARTITION = "train"
+TRAINED = "trained.jsonl"  # per step: the rows it trained on and the rows it dropped as too stale
 QUIET_ENV = {"VLLM_LOGGING_LEVEL": "ERROR", "TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "1"}
 
 
@@ -77,22 +79,32 @@ def spawn_rollout_workers(r: Recipe, model_path: str, store: DataStore, device: 
 
 
 class Controller:
-    def __init__(self, recipe: Recipe, run_dir: Path | None = None) -> None:
+    """Builds the run's actors and runs its schedule; `resume=True` continues the run in `run_dir` from its
+    last checkpoint and the data store's log."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path | None = None, resume: bool = False) -> None:
         self.recipe = recipe
         self.run_dir = Path(run_dir) if run_dir else resolve_run_dir(recipe)
+        self.resume = resume
         self.device = pick_device(recipe.resources.device)
         self.timeout = recipe.resources.wait_timeout_s
-        self.version = 0
+        self.version = self.start_step = 0
         self.budget = StalenessBudget(recipe.trainer.batch_groups, recipe.algorithm.eta)
-        self.wake = asyncio.Event()
-        self.group_tasks: set[asyncio.Task] = set()
-        self.feeder_error: BaseException | None = None
+
+    @classmethod
+    def from_run_dir(cls, run_dir: Path, overrides: list[str] | None = None) -> "Controller":
+        """A controller that resumes the run in `run_dir` with its saved recipe (plus `overrides`)."""
+        cfg = Path(run_dir) / "config.yaml"
+        if not cfg.exists():
+            raise RecipeError(f"{run_dir} is not a run directory (no config.yaml)")
+        return cls(load_recipe(cfg, overrides), run_dir, resume=True)
 
     # ------------------------------------------------------------------ build
     def build(self) -> None:
         r = self.recipe
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(to_yaml(r))
+        if not self.resume:
+            (self.run_dir / "config.yaml").write_text(to_yaml(r))
         self.task = synthetic_task(r.data)
         self.model_path = resolve_model_path(r.model, self.task)
         self.tokenizer = load_tokenizer(self.model_path)
@@ -100,53 +112,65 @@ class Controller:
         self.format_prompt = PromptFormatter(r.data, self.tokenizer)
         if not ray.is_initialized():
             init_ray(r)
-        self.store = DataStore.create(r.datastore.num_storage_units, tag_fields=["version"],
-                                      declared_fields=SAMPLE_FIELDS + WRITE_FIELDS, timeout_s=self.timeout)
+        ckpt = TrainerGroup.latest_checkpoint(self.run_dir) if self.resume else None
+        self.start_step = _checkpoint_step(ckpt)
+        if self.resume:
+            self._rewind_records(self.start_step)
+        required = ["reward", "trainer"] + (["filter"] if r.algorithm.dynamic_sampling else [])
+        r.datastore.required_consumers = sorted(set(r.datastore.required_consumers) | set(required))
+        self.store = DataStore.from_config(r.datastore, tag_fields=["version"], timeout_s=self.timeout,
+                                           declared_fields=SAMPLE_FIELDS + WRITE_FIELDS + ["accepted"] * r.algorithm.dynamic_sampling,
+                                           run_dir=self.run_dir)
         self.rollouts = spawn_rollout_workers(r, self.model_path, self.store, self.device)
         self.rewarders = [RewardActor.remote(i, r.reward, self.store, PARTITION) for i in range(r.reward.num_workers)]
-        self.trainer = TrainerGroup(r, self.model_path, self.store, PARTITION, self.device)
+        self.trainer = TrainerGroup(r, self.model_path, self.store, PARTITION, self.device, run_dir=self.run_dir)
         started = wait([w.start.remote() for w in self.rollouts], self.timeout, "vLLM engine start",
                        f"rollout workers 0..{len(self.rollouts) - 1}")
         log.info("rollout engines started: %s", started)
         log.info("trainer ranks ready: %s", self.trainer.setup())
+        if ckpt is not None:
+            self.version = self.trainer.load_checkpoint(ckpt)
+            log.info("resumed from %s at version %d", ckpt, self.version)
         self._open_weight_channel()
         self.router = RolloutRouter(self.rollouts, r.rollout.max_tokens, self.timeout)
 
-    # ------------------------------------------------------------------ rollout feeding
-    async def _feed(self) -> None:
-        """Start groups whenever the staleness budget has room; never waits for training."""
+    def _rewind_records(self, step: int) -> None:
+        """Resuming at `step`: forget what steps >= step did (their training was lost with the process), so
+        they run again once: metrics and trained-row records are cut there, and the trainer's consumption
+        in the store's log is set back to the rows those earlier steps trained on or dropped."""
+        from datastore import log as dlog
+
+        kept = [rec for rec in _read_jsonl(self.run_dir / TRAINED) if rec["step"] < step]
+        _write_jsonl(self.run_dir / TRAINED, kept)
+        _write_jsonl(self.run_dir / "metrics.jsonl", [m for m in read_metrics(self.run_dir) if m["step"] < step])
+        log_dir = self.run_dir / "datastore"
+        if log_dir.exists():
+            consumed = dlog.read_consumed(str(log_dir))
+            part = consumed.setdefault(PARTITION, {})
+            part["trainer"] = {i for rec in kept for i in rec["trained"] + rec["dropped"]}
+            dlog.rewrite_consumed(str(log_dir), {p: {c: sorted(v) for c, v in cs.items()} for p, cs in consumed.items()})
+
+    def _restore_rollout_state(self) -> None:
+        """After a resume: the feeder continues after the last group in the log (group g uses prompt row g),
+        groups that lost samples in the crash get just those samples again, and the budget counts what
+        is already there."""
         n = self.recipe.rollout.group_size
-        try:
-            while True:
-                cap = self.budget.capacity(self.version)
-                for row in self.prompts.take(cap):
-                    group = self.budget.submitted
-                    self.budget.on_submit()
-                    prompt = self.format_prompt(row)
-                    ids = self.tokenizer(prompt, add_special_tokens=not self.recipe.data.chat_template)["input_ids"]
-                    req = GroupRequest(group=group, prompt=prompt, prompt_ids=ids, row=row_to_json(row), n=n)
-                    task = asyncio.create_task(self._run_group(req))
-                    self.group_tasks.add(task)
-                    task.add_done_callback(self.group_tasks.discard)
-                self.wake.clear()
-                await self.wake.wait()
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
-            self.feeder_error = exc
-            raise
+        rec = self.store.recovered.get(PARTITION, {}) if self.store.recovered else {}
+        next_group = -(-rec.get("next_index", 0) // n)
+        trained = {i for r in _read_jsonl(self.run_dir / TRAINED) for i in r["trained"] + r["dropped"]}
+        held = self.store.held(PARTITION, "trainer")
+        groups: dict[int, list[int]] = {}
+        for i in held:
+            groups.setdefault(i // n, []).append(i)
+        partial = {g: sorted(set(range(g * n, g * n + n)) - set(rows)) for g, rows in groups.items() if len(rows) < n}
+        lost = [g for g in range(next_group) if g not in groups and not any(g * n + j in trained for j in range(n))]
+        self.requeue = [(g, missing) for g, missing in partial.items()] + [(g, list(range(n))) for g in lost]
+        self.feeder.next_group = next_group
+        self.prompts.drawn = next_group
+        self.budget.submitted = self.start_step * self.recipe.trainer.batch_groups + len(groups) + len(lost)
+        log.info("resume: %d groups held, %d partial and %d lost groups to complete, next group %d",
+                 len(groups), len(partial), len(lost), next_group)
 
-    async def _run_group(self, req: GroupRequest) -> None:
-        try:
-            await self.router.run_group(req)
-        except BaseException as exc:
-            self.feeder_error = exc
-            raise
-        finally:
-            self.budget.on_finish()
-            self.wake.set()
-
-    # ------------------------------------------------------------------ the loop
     def _open_weight_channel(self, engines: list[int] | None = None) -> None:
         """After the engines and the trainer start (and again when the set of live engines changes): the
         trainer's rank 0 opens the weight channel and every worker of the listed engines joins it, all at
@@ -214,69 +238,219 @@ class Controller:
                 "sync/bytes": float(handle.nbytes)}
 
     async def run_async(self) -> list[dict[str, Any]]:
+        """The loop: train a step on ready groups, push the weights, log. Everything else runs beside it."""
         r = self.recipe
-        total = r.trainer.total_steps
-        metrics = MetricsLogger(self.run_dir, r.logging, total)
-        feeder = asyncio.create_task(self._feed())
-        reward_runs = [w.run.remote() for w in self.rewarders]
-        records = []
-        last_t, last_tokens = time.time(), 0
+        metrics = MetricsLogger(self.run_dir, r.logging, r.trainer.total_steps, start_step=self.start_step)
+        stages = self._stages(metrics)
+        records: list[dict[str, Any]] = []
+        error: BaseException | None = None
         try:
-            for step in range(total):
-                with metrics.phase("train"):
-                    m = await self._train_or_fail(step, feeder)
-                self.budget.on_drop(int(m.get("staleness/dropped_groups", 0)))
-                with metrics.phase("sync"):
+            await stages.start()
+            for step in range(self.start_step, r.trainer.total_steps):
+                await self.colocation.before_train()
+                with metrics.phase("train", actor="trainer"):
+                    m = await self._train_or_fail(step, stages)
+                self._record_trained(step, m)
+                with metrics.phase("sync", actor="trainer"):
                     m.update(await self._sync_weights())
+                await self.colocation.after_sync()
                 self.version = step + 1
-                self.wake.set()
-                now = time.time()
-                stats = await await_([w.stats.remote() for w in self.rollouts], self.timeout, "stats", "rollout workers")
-                tokens = sum(s["tokens_out"] for s in stats)
-                m["throughput/samples_per_s"] = m["samples"] / max(now - last_t, 1e-9)
-                m["throughput/gen_tokens_per_s"] = (tokens - last_tokens) / max(now - last_t, 1e-9)
-                m["rollout/groups_running"] = self.budget.running
-                m["rollout/groups_started"] = self.budget.submitted
-                last_t, last_tokens = now, tokens
+                self.feeder.wake.set()
+                m.update(await stages.step_metrics(m))
                 records.append(metrics.log(step, m))
+                await self._maybe_checkpoint(step + 1)
+            await self._finish()
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
-            feeder.cancel()
-            for t in list(self.group_tasks):
-                t.cancel()
-            for w in self.rewarders:
-                w.stop.remote()
-            metrics.close()
-        summary = learning_summary(records)
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            await stages.stop()
+            metrics.close(error)
+        (self.run_dir / "summary.json").write_text(json.dumps(learning_summary(read_metrics(self.run_dir)), indent=2))
         return records
 
-    async def _train_or_fail(self, step: int, feeder: asyncio.Task) -> dict[str, Any]:
-        """A train step, unless the feeder fails first: then its error is the one raised."""
+    def _stages(self, metrics: MetricsLogger) -> "Stages":
+        r = self.recipe
+        self.feeder = Feeder(r, self.budget, self.prompts, self.format_prompt, self.tokenizer, self.router,
+                             lambda: self.version)
+        self.requeue: list[tuple[int, list[int]]] = []
+        if self.resume:
+            self._restore_rollout_state()
+        self.colocation = Colocation(r.rollout.colocate, self.rollouts, self.budget, r.rollout.sleep_level, self.timeout)
+        gfilter = None
+        if r.algorithm.dynamic_sampling:
+            gfilter = GroupFilter(self.store, PARTITION, r.rollout.group_size, self.budget, self.feeder.wake.set,
+                                  r.algorithm.dynamic_sampling_max_drops or 20 * r.trainer.batch_groups)
+        return Stages(self, metrics, gfilter)
+
+    def _record_trained(self, step: int, m: dict[str, Any]) -> None:
+        """Which rows the step trained on and dropped (as too stale): the resume record, one line a step."""
+        trained, dropped = m.pop("_trained", []), m.pop("_dropped", [])
+        self.budget.on_drop(len(dropped) // self.recipe.rollout.group_size)
+        with open(self.run_dir / TRAINED, "a") as f:
+            f.write(json.dumps({"step": step, "trained": trained, "dropped": dropped}) + "\n")
+
+    async def _maybe_checkpoint(self, version: int) -> None:
+        """Every `trainer.checkpoint_every` versions, after the step's records are written (a resume from
+        this checkpoint then finds every step it holds in metrics.jsonl and trained.jsonl)."""
+        every = self.recipe.trainer.checkpoint_every
+        if every and version % every == 0:
+            await self.trainer.start_checkpoint()
+
+    async def _finish(self) -> None:
+        """The final checkpoint (when checkpointing) and the final model as a Hugging Face directory."""
+        r = self.recipe
+        if r.trainer.checkpoint_every:
+            await asyncio.to_thread(self.trainer.wait_checkpoint)
+            if self.version % r.trainer.checkpoint_every:
+                await asyncio.to_thread(self.trainer.save_checkpoint)
+        if r.trainer.export_final:
+            out = await asyncio.to_thread(self.trainer.export_hf, self.run_dir / "final_model")
+            log.info("final model: %s", out)
+
+    async def _train_or_fail(self, step: int, stages: "Stages") -> dict[str, Any]:
+        """A train step, unless a background stage fails first: then its error is the one raised."""
         train = asyncio.ensure_future(self.trainer.train_step(step))
         while True:
             done, _ = await asyncio.wait({train}, timeout=1.0)
             if done:
                 return train.result()
-            if self.feeder_error is not None:
+            failed = stages.error()
+            if failed is not None:
                 train.cancel()
-                raise RuntimeError(f"rollout failed while training step {step} waited: {self.feeder_error}") \
-                    from self.feeder_error
+                raise RuntimeError(f"{failed[0]} failed while training step {step} waited: {failed[1]}") from failed[1]
 
     def run(self) -> list[dict[str, Any]]:
         return asyncio.run(self.run_async())
 
     def shutdown(self) -> None:
-        for w in self.rollouts:
+        for w in getattr(self, "rollouts", []):
             try:
                 wait(w.shutdown.remote(), 60, "engine shutdown", "a rollout worker")
             except Exception:
                 pass
-        self.trainer.shutdown()
+        if hasattr(self, "trainer"):
+            self.trainer.shutdown()
+        if hasattr(self, "store"):
+            self.store.shutdown()
 
 
-def run_recipe(recipe: Recipe, run_dir: Path | None = None) -> tuple[Path, list[dict[str, Any]]]:
+class Stages:
+    """Starts and stops the background stages of one run, and gathers their per-step metrics."""
+
+    def __init__(self, ctl: Controller, metrics: MetricsLogger, gfilter: GroupFilter | None) -> None:
+        self.ctl, self.metrics, self.gfilter = ctl, metrics, gfilter
+        self.spans = SpanCollector(metrics, ctl.rollouts, ctl.rewarders, ctl.timeout)
+        self.tasks: list[asyncio.Task] = []
+        self.reward_refs: list[ray.ObjectRef] = []
+        self.last = {"t": time.time(), "tokens": 0, "scored": 0, "errors": 0}
+
+    async def start(self) -> None:
+        ctl = self.ctl
+        self.reward_refs = [w.run.remote() for w in ctl.rewarders]
+        for g, missing in ctl.requeue:
+            ctl.budget.on_submit()
+            ctl.feeder.tasks.add(asyncio.create_task(ctl.feeder._one(await self._request(g, missing))))
+        self.tasks.append(asyncio.create_task(ctl.feeder.run()))
+        if self.gfilter is not None:
+            self.tasks.append(asyncio.create_task(self.gfilter.run()))
+
+    async def _request(self, group: int, samples: list[int]) -> GroupRequest:
+        """A group's request rebuilt from its prompt row (for samples lost in a crash)."""
+        ctl = self.ctl
+        row = ctl.prompts._row_at(group)
+        prompt = ctl.format_prompt(row)
+        ids = ctl.tokenizer(prompt, add_special_tokens=not ctl.recipe.data.chat_template)["input_ids"]
+        return GroupRequest(group=group, prompt=prompt, prompt_ids=ids, row=row_to_json(row),
+                            n=ctl.recipe.rollout.group_size, samples=samples)
+
+    def error(self) -> tuple[str, BaseException] | None:
+        if self.ctl.feeder.error is not None:
+            return "rollout", self.ctl.feeder.error
+        if self.gfilter is not None and self.gfilter.error is not None:
+            return "dynamic sampling", self.gfilter.error
+        for t in self.tasks:
+            if t.done() and not t.cancelled() and t.exception() is not None:
+                return "a background stage", t.exception()
+        return None
+
+    async def step_metrics(self, m: dict[str, Any]) -> dict[str, Any]:
+        """Throughput of each stage since the last step, rewards' extras, queue depths, staleness budget."""
+        ctl, now = self.ctl, time.time()
+        dt = max(now - self.last["t"], 1e-9)
+        rollout = await await_([w.stats.remote() for w in ctl.rollouts], ctl.timeout, "stats", "rollout workers")
+        rewards = await await_([w.stats.remote() for w in ctl.rewarders], ctl.timeout, "stats", "reward workers")
+        await self.spans.collect()
+        tokens = sum(s["tokens_out"] for s in rollout)
+        scored, errors = sum(s["scored"] for s in rewards), sum(s["errors"] for s in rewards)
+        out: dict[str, Any] = {
+            "throughput/samples_per_s": m.get("samples", 0) / dt,
+            "throughput/gen_tokens_per_s": (tokens - self.last["tokens"]) / dt,
+            "throughput/rewarded_per_s": (scored - self.last["scored"]) / dt,
+            "reward/errors": errors - self.last["errors"],
+            "rollout/groups_running": ctl.budget.running, "rollout/groups_started": ctl.feeder.next_group,
+            "rollout/groups_dropped": ctl.budget.dropped, "rollout/engine_failures": len(ctl.router.failures),
+        }
+        extras: dict[str, list[float]] = {}
+        for s in rewards:
+            for k, (total, count) in s["extras"].items():
+                acc = extras.setdefault(k, [0.0, 0.0])
+                acc[0] += total
+                acc[1] += count
+        out.update({f"reward/extra/{k}": v[0] / v[1] for k, v in extras.items() if v[1]})
+        if self.gfilter is not None:
+            out.update({"dynamic_sampling/kept_groups": self.gfilter.kept, "dynamic_sampling/dropped_groups": self.gfilter.dropped})
+        try:
+            out.update(await asyncio.to_thread(ctl.store.metrics))
+        except Exception as exc:  # observability must not stop training
+            log.warning("data store metrics unavailable: %s", exc)
+        self.last = {"t": now, "tokens": tokens, "scored": scored, "errors": errors}
+        return out
+
+    async def stop(self) -> None:
+        ctl = self.ctl
+        if self.gfilter is not None:
+            self.gfilter.stopping = True
+        for t in self.tasks:
+            t.cancel()
+        if hasattr(ctl, "feeder"):
+            ctl.feeder.stop()
+        for w in ctl.rewarders:
+            w.stop.remote()
+        try:
+            await self.spans.collect()
+        except Exception:
+            pass
+
+
+def _checkpoint_step(ckpt: Path | None) -> int:
+    if ckpt is None:
+        return 0
+    digits = "".join(ch for ch in ckpt.name if ch.isdigit())
+    return int(digits) if digits else 0
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a crash
+            continue
+    return out
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(path)
+
+
+def run_recipe(recipe: Recipe, run_dir: Path | None = None, resume: bool = False) -> tuple[Path, list[dict[str, Any]]]:
     """Build, run and tear down; returns the run directory and every step's metrics."""
-    ctl = Controller(recipe, run_dir)
+    ctl = Controller(recipe, run_dir, resume=resume)
     ctl.build()
     try:
         records = ctl.run()

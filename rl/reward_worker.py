@@ -37,6 +37,7 @@ class RewardWorker:
         self.score_sum = 0.0
         self.extras: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # name -> [sum, count]
         self.recent_errors: list[dict[str, Any]] = []
+        self.spans: list[dict[str, Any]] = []
 
     async def run(self) -> dict[str, Any]:
         """Score samples until `stop()`; returns totals."""
@@ -62,7 +63,12 @@ class RewardWorker:
                     self.recent_errors = (self.recent_errors + [{"index": r["index"], "prompt": r["prompt"][:200],
                                                                  "response": r["response"][:200], "error": s.error}])[-20:]
             self.busy_s += time.perf_counter() - t0
+            self.spans.append({"kind": "reward", "start": time.time() - (time.perf_counter() - t0), "end": time.time()})
         return await self.stats()
+
+    async def drain_spans(self) -> list[dict[str, Any]]:
+        out, self.spans = self.spans, []
+        return out
 
     async def stop(self) -> None:
         self.stopping = True

@@ -80,6 +80,7 @@ class RolloutWorker:
         self.tokenizer: Any = None
         self.flusher: asyncio.Task | None = None
         self.events: list[dict] = []  # (kind, start, end) activity spans for the timeline
+        self.busy_since: float | None = None
 
     async def start(self) -> dict[str, Any]:
         """Build the engine; returns how long that took."""
@@ -201,11 +202,16 @@ class RolloutWorker:
             return {"group": req.group, "done": [], "failed": req.sample_ids(), "tokens": 0,
                     "error": f"rollout worker {self.rank}'s engine is down: {self.last_error}"}
         ids = req.sample_ids()
+        if self.inflight == 0:
+            self.busy_since = time.time()  # the engine goes from idle to generating
         self.inflight += len(ids)
         try:
             results = await asyncio.gather(*[self._one(req, j) for j in ids], return_exceptions=True)
         finally:
             self.inflight -= len(ids)
+            if self.inflight == 0 and self.busy_since is not None:
+                self.events.append({"kind": "generate", "start": self.busy_since, "end": time.time()})
+                self.busy_since = None
         done = [j for j, r in zip(ids, results) if not isinstance(r, BaseException)]
         failed = [j for j, r in zip(ids, results) if isinstance(r, BaseException)]
         error = ""
@@ -306,6 +312,15 @@ class RolloutWorker:
 
     async def weight_digest(self) -> str:
         return (await self.engine.collective_rpc("streamrl_weight_digest"))[0]
+
+    async def drain_spans(self) -> list[dict[str, Any]]:
+        """Activity spans since the last call (an ongoing generate span is cut here and continues)."""
+        now = time.time()
+        if self.busy_since is not None:
+            self.events.append({"kind": "generate", "start": self.busy_since, "end": now})
+            self.busy_since = now
+        out, self.events = self.events, []
+        return out
 
     async def stats(self) -> dict[str, Any]:
         return {"rank": self.rank, "version": self.version, "inflight": self.inflight,

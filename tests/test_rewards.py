@@ -1,6 +1,5 @@
 import asyncio
 import logging
-import math
 import time
 from pathlib import Path
 

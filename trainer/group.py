@@ -179,6 +179,13 @@ class TrainerGroup:
         out = self._all([r.save_checkpoint.remote(p, True) for r in self.ranks], "a checkpoint save")
         return Path(out[0])
 
+    async def start_checkpoint(self) -> Path:
+        """Begin an asynchronous checkpoint of the current version (training goes on while it writes; the
+        previous one is finished first)."""
+        refs = [r.save_checkpoint.remote(None, False) for r in self.ranks]
+        out = await self._all_async(refs, "the start of a checkpoint")
+        return Path(out[0])
+
     def wait_checkpoint(self) -> Optional[Path]:
         """Wait for the asynchronous checkpoint being written, if any (call before reading it or exiting)."""
         out = self._all([r.wait_checkpoint.remote() for r in self.ranks], "the checkpoint write to finish")

@@ -3,9 +3,10 @@
 A step: rank 0 claims the next batch of whole groups from the data store (metadata only) and broadcasts
 the claim; every rank fetches its own groups' payload straight from the storage units and hands the samples
 to its PolicyTrainer (trainer/engine.py: micro-batches, advantages, losses, optimizer, all looked up by
-name in `rl.algorithms`). Every `trainer.checkpoint_every` steps the ranks start an asynchronous
-distributed checkpoint (trainer/checkpoint.py) and train on while it is written. Then the full weights are
-gathered from the shards and sent to the rollout engines through the weight channel.
+name in `rl.algorithms`). When the controller asks (every `trainer.checkpoint_every` versions), the ranks
+start an asynchronous distributed checkpoint (trainer/checkpoint.py) and train on while it is written.
+Then the full weights are gathered from the shards and sent to the rollout engines through the weight
+channel.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
@@ -80,18 +82,19 @@ class TrainerWorker:
         return {"rank": self.rank, "params": param_count(self.model), "setup_seconds": time.perf_counter() - t0}
 
     # ------------------------------------------------------------------ step
-    def _claim(self, step: int) -> tuple[Take, int]:
+    def _claim(self, step: int) -> tuple[Take, list[int]]:
         """Rank 0 drops groups past the staleness bound, then claims B whole groups of version >=
-        step - eta from the store; every rank learns the claim. Returns it and the groups dropped."""
+        step - eta from the store; every rank learns the claim. Returns it and the rows dropped."""
         n = self.recipe.rollout.group_size
         box: list[Any] = [None]
         if self.rank == 0:
             floor = step - self.recipe.algorithm.eta
             dropped = self.store.discard(CONSUMER, self.partition, {"version": ("<", floor)}, group_size=n)
-            take = self.store.take(CONSUMER, self.partition, TRAIN_FIELDS, self.recipe.trainer.batch_groups * n,
+            fields = TRAIN_FIELDS + (["accepted"] if self.recipe.algorithm.dynamic_sampling else [])
+            take = self.store.take(CONSUMER, self.partition, fields, self.recipe.trainer.batch_groups * n,
                                    group_size=n, where={"version": (">=", floor)},
                                    timeout=self.recipe.resources.wait_timeout_s)
-            box[0] = (take, len(dropped) // n) if take is not None else RuntimeError(
+            box[0] = (take, dropped) if take is not None else RuntimeError(
                 f"Timed out after {self.recipe.resources.wait_timeout_s:.0f} s waiting for "
                 f"{self.recipe.trainer.batch_groups} complete groups (fields {TRAIN_FIELDS}, version >= {floor}) "
                 f"from the data store for step {step}: are the rollout and reward workers alive? see their logs")
@@ -110,7 +113,8 @@ class TrainerWorker:
 
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer step (or `trainer.mini_batches` of them) on the next batch; every rank must call
-        it. Returns global metrics. Starts an asynchronous checkpoint when one is due."""
+        it. Returns global metrics. (Checkpoints are the controller's call: it saves only after it has
+        recorded what the step trained on, so a checkpoint never holds a step the records lack.)"""
         assert self.engine is not None, "setup() first"
         t0 = time.perf_counter()
         take, dropped = self._claim(step)
@@ -119,12 +123,11 @@ class TrainerWorker:
         m = self.engine.train(samples_from_columns(table.to_pydict()), step)
         self.version = self.engine.version
         m["time/wait_batch_s"] = t_wait
-        m["staleness/dropped_groups"] = dropped
-        every = self.recipe.trainer.checkpoint_every
-        if self.run_dir and every and self.version % every == 0:
-            t1 = time.perf_counter()
-            self.save_checkpoint(wait=False)
-            m["time/checkpoint_start_s"] = time.perf_counter() - t1
+        m["staleness/dropped_groups"] = len(dropped) // self.recipe.rollout.group_size
+        if self.rank == 0:  # the controller records which rows each step trained on (resume needs it)
+            m["_trained"], m["_dropped"] = list(take.indexes), list(dropped)
+            versions = self.store.fetch(self.partition, take, ["version"]).column("version").to_pylist()
+            m["staleness/hist"] = {str(k): v for k, v in sorted(Counter(step - x for x in versions).items())}
         m["time/step_s"] = time.perf_counter() - t0
         return m
 

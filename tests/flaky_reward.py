@@ -1,0 +1,26 @@
+"""Reward functions that misbehave on purpose, for the controller tests."""
+
+import time
+
+
+def unreliable(sample):
+    """Right answers score 1; but some prompts make it raise, return NaN, the wrong type, or hang."""
+    a = int(sample.prompt.split("+")[0]) if "+" in sample.prompt else 0
+    kind = a % 10
+    if kind == 1:
+        raise ValueError(f"cannot parse {sample.response!r}")
+    if kind == 2:
+        return float("nan")
+    if kind == 3:
+        return "1.0"
+    if kind == 4 and sample.index % 4 == 0:
+        time.sleep(3)  # past reward.timeout_s
+    return float(sample.response.strip() == sample.row["answer"])
+
+
+def equal_for_even(sample):
+    """Groups of even first operands get the same reward for every sample (no signal); the others vary."""
+    a = int(sample.prompt.split("+")[0])
+    if a % 2 == 0:
+        return 0.5
+    return float(sample.index % 2)

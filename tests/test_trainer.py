@@ -47,9 +47,11 @@ def put_step(store: DataStore, step: int) -> None:
 
 
 class Run:
-    """A trainer group with its own data store, fed the deterministic batches above."""
+    """A trainer group with its own data store, fed the deterministic batches above; like the controller, it
+    starts an asynchronous checkpoint after every `trainer.checkpoint_every` steps."""
 
     def __init__(self, rec, model: str, run_dir=None, device: str = "cpu") -> None:
+        self.every = rec.trainer.checkpoint_every if run_dir else 0
         self.store = DataStore.create(1, tag_fields=["version"], declared_fields=TRAIN_FIELDS)
         self.group = TrainerGroup(rec, model, self.store, "train", device, run_dir=run_dir)
         self.group.setup()
@@ -59,6 +61,8 @@ class Run:
         for step in steps:
             put_step(self.store, step)
             out.append(asyncio.run(self.group.train_step(step)))
+            if self.every and (step + 1) % self.every == 0:
+                asyncio.run(self.group.start_checkpoint())  # written in the background while training goes on
         return out
 
     def close(self) -> None:

@@ -340,6 +340,9 @@ def validate(recipe: Recipe) -> None:
             f"Recipe key 'trainer.batch_groups' = {recipe.trainer.batch_groups} must be a multiple of "
             f"'trainer.world_size' = {recipe.trainer.world_size} (each rank trains whole groups)"
         )
+    if recipe.rollout.colocate and recipe.algorithm.dynamic_sampling:
+        raise RecipeError("Recipe keys 'rollout.colocate' and 'algorithm.dynamic_sampling' cannot both be on: a dropped "
+                          "group's replacement would have to generate while the engines sleep for training")
     if recipe.rollout.colocate and recipe.algorithm.eta != 0:
         raise RecipeError("Recipe key 'rollout.colocate' = true needs 'algorithm.eta' = 0 (time-sharing devices is synchronous)")
     if recipe.rollout.sleep_level not in (1, 2):

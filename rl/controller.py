@@ -33,7 +33,7 @@ from rl.transport import WeightHandle, pick_transport
 from rl.waits import WaitTimeout, await_, wait
 from rollout.router import RolloutRouter
 from rollout.worker import SAMPLE_FIELDS, GroupRequest, RolloutActor
-from trainer.group import TrainerGroup
+from trainer.group import Placement, TrainerGroup
 
 log = logging.getLogger(__name__)
 
@@ -62,20 +62,41 @@ def init_ray(r: Recipe) -> None:
              include_dashboard=False, runtime_env={"env_vars": QUIET_ENV}, log_to_driver=True)
 
 
-def spawn_rollout_workers(r: Recipe, model_path: str, store: DataStore, device: str) -> list[ray.actor.ActorHandle]:
-    """One RolloutWorker per engine, each on its own placement-group bundle of `tp` GPUs (or a CPU)."""
+def placements(r: Recipe, device: str) -> tuple[Placement, Placement]:
+    """Where rollout engines and trainer ranks go. Apart (default): a bundle of `tp` GPUs per engine and
+    one GPU per rank. Colocated: one bundle per GPU, shared by a trainer rank and an engine's worker
+    (each takes half of it as far as Ray counts; vLLM's memory share and sleep do the real split)."""
     from ray.util.placement_group import placement_group
+
+    tp, gpu = r.rollout.tensor_parallel_size, device == "cuda"
+    timeout = r.resources.wait_timeout_s
+    if r.rollout.colocate:
+        n = r.trainer.world_size
+        if r.rollout.num_engines * tp != n:
+            raise RecipeError(f"colocated mode shares each GPU between a trainer rank and an engine: "
+                              f"rollout.num_engines * rollout.tensor_parallel_size ({r.rollout.num_engines} * {tp}) "
+                              f"must equal trainer.world_size ({n})")
+        bundle = {"CPU": 2, **({"GPU": 1} if gpu else {})}
+        pg = placement_group([bundle] * n, strategy="PACK")
+        wait(pg.ready(), timeout, f"a placement group of {n} x {bundle} (colocated)", "the Ray cluster",
+             hint="the cluster may not have these resources free")
+        engine_bundles = list(range(0, n, tp))
+        return Placement(pg, engine_bundles, 0.5 * tp if gpu else 0.0), Placement(pg, list(range(n)), 0.5 if gpu else 0.0)
+    bundle = {"CPU": 1, **({"GPU": tp} if gpu else {})}
+    pg = placement_group([bundle] * r.rollout.num_engines, strategy="PACK")
+    wait(pg.ready(), timeout, f"a placement group of {r.rollout.num_engines} x {bundle} for rollout",
+         "the Ray cluster", hint="the cluster may not have these resources free")
+    return Placement(pg, list(range(r.rollout.num_engines)), float(tp) if gpu else 0.0), None
+
+
+def spawn_rollout_workers(r: Recipe, model_path: str, store: DataStore, device: str,
+                          where: Placement) -> list[ray.actor.ActorHandle]:
+    """One RolloutWorker per engine on its placement bundle."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    tp = r.rollout.tensor_parallel_size
-    gpus = tp if device == "cuda" else 0
-    bundle = {"CPU": 1, **({"GPU": gpus} if gpus else {})}
-    pg = placement_group([bundle] * r.rollout.num_engines, strategy="PACK")
-    wait(pg.ready(), r.resources.wait_timeout_s, f"a placement group of {r.rollout.num_engines} x {bundle} for rollout",
-         "the Ray cluster", hint="the cluster may not have these resources free")
-    return [RolloutActor.options(num_gpus=gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i))
+    return [RolloutActor.options(num_gpus=where.gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(where.pg, b))
             .remote(i, model_path, r.rollout, store, PARTITION, r.model.dtype, device, r.seed,
-                    r.resources.wait_timeout_s) for i in range(r.rollout.num_engines)]
+                    r.resources.wait_timeout_s) for i, b in enumerate(where.bundles)]
 
 
 class Controller:
@@ -121,9 +142,11 @@ class Controller:
         self.store = DataStore.from_config(r.datastore, tag_fields=["version"], timeout_s=self.timeout,
                                            declared_fields=SAMPLE_FIELDS + WRITE_FIELDS + ["accepted"] * r.algorithm.dynamic_sampling,
                                            run_dir=self.run_dir)
-        self.rollouts = spawn_rollout_workers(r, self.model_path, self.store, self.device)
+        engines_at, trainer_at = placements(r, self.device)
+        self.rollouts = spawn_rollout_workers(r, self.model_path, self.store, self.device, engines_at)
         self.rewarders = [RewardActor.remote(i, r.reward, self.store, PARTITION) for i in range(r.reward.num_workers)]
-        self.trainer = TrainerGroup(r, self.model_path, self.store, PARTITION, self.device, run_dir=self.run_dir)
+        self.trainer = TrainerGroup(r, self.model_path, self.store, PARTITION, self.device, run_dir=self.run_dir,
+                                    placement=trainer_at)
         started = wait([w.start.remote() for w in self.rollouts], self.timeout, "vLLM engine start",
                        f"rollout workers 0..{len(self.rollouts) - 1}")
         log.info("rollout engines started: %s", started)
@@ -247,7 +270,7 @@ class Controller:
         try:
             await stages.start()
             for step in range(self.start_step, r.trainer.total_steps):
-                await self.colocation.before_train()
+                await self.colocation.before_train(self.version)
                 with metrics.phase("train", actor="trainer"):
                     m = await self._train_or_fail(step, stages)
                 self._record_trained(step, m)

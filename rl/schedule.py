@@ -144,11 +144,12 @@ class Colocation:
         self.enabled, self.workers, self.budget, self.level, self.timeout = enabled, workers, budget, level, timeout_s
         self.asleep = False
 
-    async def before_train(self) -> None:
+    async def before_train(self, version: int) -> None:
         if not self.enabled:
             return
         t0 = time.monotonic()
-        while self.budget.running:  # with eta = 0 the step's groups are all that runs
+        # with eta = 0 the step's B groups are all the budget allows: wait until all are started and done
+        while self.budget.running or self.budget.capacity(version):
             if time.monotonic() - t0 > self.timeout:
                 raise TimeoutError(f"colocated mode: {self.budget.running} groups still generating after "
                                    f"{self.timeout:.0f} s; cannot put the engines to sleep for training")

@@ -106,3 +106,15 @@ def test_kill_driver_then_resume(tiny_model, tmp_path):
     assert len(trained) == len(set(trained)) == 10 * 16  # no sample trained twice
     logged = {r["index"] for r in logged_rows(run_dir)}
     assert set(trained) <= logged  # every trained sample is in the rollout log
+
+
+def test_colocated_sync_mode_time_shares(ray_session, tiny_model, tmp_path):
+    """eta = 0 with colocation: each step's groups finish, engines sleep, the trainer steps, engines wake."""
+    records = run(tiny_model, tmp_path / "c", "trainer.total_steps=3", "algorithm.eta=0", "rollout.colocate=true")
+    assert len(records) == 3 and all(r["staleness/max"] == 0 for r in records)  # on-policy
+    spans = [json.loads(line) for line in (tmp_path / "c" / "timeline.jsonl").read_text().splitlines()]
+    gen = [(s["start"], s["end"]) for s in spans if s["kind"] == "generate"]
+    train = [(s["start"], s["end"]) for s in spans if s["actor"] == "trainer" and s["kind"] == "train"]
+    assert gen and len(train) == 3
+    for t0, t1 in train:  # no generation while the trainer holds the devices
+        assert not any(g0 < t1 - 0.05 and g1 > t0 + 0.05 for g0, g1 in gen), (t0, t1)

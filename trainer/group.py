@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,21 +34,36 @@ class TrainerRankError(RuntimeError):
     """A trainer rank raised; the message names the rank and the call."""
 
 
+@dataclass
+class Placement:
+    """Where actors go: bundles of a placement group and the GPU share each actor takes there."""
+
+    pg: Any
+    bundles: list[int]
+    gpus: float
+
+
 class TrainerGroup:
     def __init__(self, recipe: Recipe, model_path: str, store: DataStore, partition: str, device: str,
-                 run_dir: str | Path | None = None) -> None:
+                 run_dir: str | Path | None = None, placement: Optional["Placement"] = None) -> None:
+        """`placement`: bundles of a placement group shared with the rollout engines (colocated mode: each
+        rank takes a fraction of its bundle's GPU); default: a placement group of its own, a GPU a rank."""
         self.recipe, self.timeout = recipe, recipe.resources.wait_timeout_s
         self.run_dir = Path(run_dir) if run_dir else None
         self.failed = False  # a rank failed: the group cannot run collectives any more
         n = recipe.trainer.world_size
-        bundle = {"CPU": 1, **({"GPU": 1} if device == "cuda" else {})}
-        self.pg = placement_group([bundle] * n, strategy="PACK")
-        wait(self.pg.ready(), self.timeout, f"a placement group of {n} x {bundle} for the trainer", "the Ray cluster",
-             hint="the cluster may not have these resources free")
+        self.own_pg = placement is None
+        if placement is None:
+            bundle = {"CPU": 1, **({"GPU": 1} if device == "cuda" else {})}
+            pg = placement_group([bundle] * n, strategy="PACK")
+            wait(pg.ready(), self.timeout, f"a placement group of {n} x {bundle} for the trainer", "the Ray cluster",
+                 hint="the cluster may not have these resources free")
+            placement = Placement(pg, list(range(n)), 1.0 if device == "cuda" else 0.0)
+        self.pg = placement.pg
         self.ranks = [
             TrainerActor.options(
-                num_gpus=1 if device == "cuda" else 0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
+                num_gpus=placement.gpus if device == "cuda" else 0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=placement.bundles[r]),
             ).remote(r, recipe, model_path, store, partition, device, str(self.run_dir) if self.run_dir else None)
             for r in range(n)
         ]
@@ -222,4 +238,5 @@ class TrainerGroup:
                 pass
         for r in self.ranks:
             ray.kill(r)
-        ray.util.remove_placement_group(self.pg)
+        if self.own_pg:
+            ray.util.remove_placement_group(self.pg)

@@ -103,6 +103,7 @@ class RolloutWorker:
             enable_prefix_caching=self.cfg.agent.fn is not None,  # multi-turn contexts share prefixes
             distributed_executor_backend="mp" if self.cfg.tensor_parallel_size > 1 else None,
             disable_log_stats=True,
+            enable_sleep_mode=self.cfg.colocate and self.device == "cuda",  # sleep/wake needs vLLM's allocator
         )
         self.engine = AsyncLLM.from_engine_args(args)
         if self.tokenizer is None:

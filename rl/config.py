@@ -298,7 +298,8 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | No
         for item in overrides:
             if "=" not in item:
                 raise RecipeError(f"Override {item!r} is not of the form key=value (e.g. rollout.temperature=0.7)")
-        dot = OmegaConf.from_dotlist(list(overrides))
+        # `key=` means the empty string (OmegaConf would read None, which a str key rejects)
+        dot = OmegaConf.from_dotlist([f"{item}''" if item.endswith("=") else item for item in overrides])
         _check_keys(OmegaConf.to_container(dot), "", "command-line overrides")
         layers.append(dot)
     try:

@@ -143,6 +143,7 @@ class Controller:
                                            declared_fields=SAMPLE_FIELDS + WRITE_FIELDS + ["accepted"] * r.algorithm.dynamic_sampling,
                                            run_dir=self.run_dir)
         engines_at, trainer_at = placements(r, self.device)
+        self.engine_pg = engines_at.pg
         self.rollouts = spawn_rollout_workers(r, self.model_path, self.store, self.device, engines_at)
         self.rewarders = [RewardActor.remote(i, r.reward, self.store, PARTITION) for i in range(r.reward.num_workers)]
         self.trainer = TrainerGroup(r, self.model_path, self.store, PARTITION, self.device, run_dir=self.run_dir,
@@ -354,6 +355,10 @@ class Controller:
                 pass
         if hasattr(self, "trainer"):
             self.trainer.shutdown()
+        if hasattr(self, "engine_pg"):
+            for w in getattr(self, "rollouts", []):
+                ray.kill(w)
+            ray.util.remove_placement_group(self.engine_pg)
         if hasattr(self, "store"):
             self.store.shutdown()
 

@@ -78,6 +78,8 @@ class RolloutWorker:
         self.healthy, self.last_error = True, ""
         self.agent_hook = load_function(cfg.agent.fn, "rollout.agent.fn") if cfg.agent.fn else None
         self.tokenizer: Any = None
+        self.native_versions = False  # the engine labels tokens with weight versions (vLLM >= 0.32)
+        self.asleep: set[str] = set()  # colocated mode: what of the engine is asleep
         self.flusher: asyncio.Task | None = None
         self.events: list[dict] = []  # (kind, start, end) activity spans for the timeline
         self.busy_since: float | None = None
@@ -110,7 +112,9 @@ class RolloutWorker:
             from transformers import AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        await self.engine.update_weight_version(str(self.version))
+        self.native_versions = hasattr(self.engine, "update_weight_version") and not os.environ.get("STREAMRL_NO_NATIVE_VERSIONS")
+        if self.native_versions:
+            await self.engine.update_weight_version(str(self.version))
         await self._turn([self.tokenizer.bos_token_id or 0], 1, 0, "warmup")  # first request pays one-off costs
         return {"rank": self.rank, "start_seconds": time.perf_counter() - t0, "pid": os.getpid()}
 
@@ -119,27 +123,38 @@ class RolloutWorker:
         from vllm.sampling_params import RequestOutputKind
 
         c = self.cfg
+        kind = RequestOutputKind.FINAL_ONLY if self.native_versions else RequestOutputKind.DELTA
         return SamplingParams(
             n=1, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k if c.top_k > 0 else 0,
             max_tokens=max_tokens, stop=list(c.stop) or None, logprobs=0, seed=seed,
-            output_kind=RequestOutputKind.FINAL_ONLY, skip_special_tokens=True, detokenize=c.detokenize,
+            output_kind=kind, skip_special_tokens=True, detokenize=c.detokenize,
             include_stop_str_in_output=True, ignore_eos=c.ignore_eos,
         )
 
     async def _turn(self, context: list[int], max_tokens: int, seed: int, tag: str) -> TurnOutput:
-        """One engine request: token ids in, token ids + logprobs + per-token versions out."""
+        """One engine request: token ids in, token ids + logprobs + per-token versions out.
+
+        Per-token versions come from the engine's weight-version spans where vLLM has them (0.32+: exact to
+        the engine step); otherwise the request streams and each token takes the version the worker had
+        loaded when the token arrived (a token sampled just before a pause can be labelled one newer)."""
         start_version = self.version
-        final = None
+        ids: list[int] = []
+        logprobs: list[float] = []
+        versions: list[int] = []
+        text, finish, final = "", "", None
         async for out in self.engine.generate({"prompt_token_ids": context}, self._sampling_params(seed, max_tokens),
                                               request_id=f"{tag}-{uuid.uuid4().hex[:8]}"):
-            final = out
+            comp = out.outputs[0]
+            new = list(comp.token_ids)
+            ids += new
+            logprobs += [float(step[tok].logprob) for tok, step in zip(new, comp.logprobs or [])]
+            versions += [self.version] * len(new)
+            text += comp.text if self.cfg.detokenize else ""
+            finish, final = comp.finish_reason or finish, comp
         assert final is not None
-        comp = final.outputs[0]
-        ids = list(comp.token_ids)
-        logprobs = [float(step[tok].logprob) for tok, step in zip(ids, comp.logprobs or [])]
-        text = comp.text if self.cfg.detokenize else ""
-        return TurnOutput(ids, logprobs, _token_versions(comp, len(ids), start_version), text,
-                          comp.finish_reason or "")
+        if self.native_versions:  # FINAL_ONLY: one output holding everything, with the engine's spans
+            versions = _token_versions(final, len(ids), start_version)
+        return TurnOutput(ids, logprobs, versions, text, finish)
 
     async def _one(self, req: GroupRequest, j: int) -> dict[str, Any]:
         index = req.group * req.n + j
@@ -251,9 +266,15 @@ class RolloutWorker:
     async def sleep(self, level: int = 1) -> None:
         """Colocated mode: free the KV cache (and offload, level 1, or drop, level 2, the weights)."""
         await self.engine.sleep(level=level)
+        self.asleep = {"weights", "kv_cache"}
 
     async def wake_up(self, tags: list[str] | None = None) -> None:
-        await self.engine.wake_up(tags=tags)
+        """Wake what is still asleep (a weight update may have woken the weights already: waking them
+        twice is an error in vLLM's allocator)."""
+        todo = [t for t in (tags or ["weights", "kv_cache"]) if t in self.asleep]
+        if todo:
+            await self.engine.wake_up(tags=todo)
+            self.asleep -= set(todo)
 
     async def init_weight_channel(self, spec: ChannelSpec, first_rank: int) -> dict[str, Any]:
         """Every worker process of the engine joins the trainer's weight channel as group ranks
@@ -272,8 +293,8 @@ class RolloutWorker:
             if not handle.probe:
                 mode = "keep" if self.cfg.update_mode == "interrupt" else "wait"
                 await self.engine.pause_generation(mode=mode, clear_cache=False)
-                if await self.engine.is_sleeping():  # colocated: weights must be resident to load into
-                    await self.engine.wake_up(tags=["weights"])
+                if "weights" in self.asleep:  # colocated: weights must be resident to load into
+                    await self.wake_up(["weights"])
             try:
                 res = await await_(self.engine.collective_rpc("streamrl_load_weights", args=(asdict(handle),)),
                                    self.timeout_s, f"weight load ({handle.kind}, version "
@@ -284,7 +305,8 @@ class RolloutWorker:
                     raise RuntimeError(f"rollout worker {self.rank}: its workers loaded different versions {versions}")
                 version = versions.pop()
                 if not handle.probe:
-                    await self.engine.update_weight_version(str(version))
+                    if self.native_versions:
+                        await self.engine.update_weight_version(str(version))
                     self.version = version
             finally:
                 if not handle.probe:

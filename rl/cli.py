@@ -13,31 +13,29 @@ from rl.config import RecipeError, load_recipe
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from rl.controller import run_recipe
-    from rl.metrics import learning_summary
+    from rl.controller import Controller
 
     recipe = load_recipe(args.recipe, args.overrides)  # fails before any actor starts
-    run_dir, records = run_recipe(recipe, Path(args.run_dir) if args.run_dir else None)
-    summary = learning_summary(records)
-    print(f"\nrun directory: {run_dir}")
-    if summary:
-        print(f"reward: first 10% of steps {summary['first10']:.3f} -> last 10% {summary['last10']:.3f} "
-              f"(gain {summary['gain']:+.3f} over {summary['steps']} steps)")
-    return 0
+    return _run(Controller(recipe, Path(args.run_dir) if args.run_dir else None))
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
     from rl.controller import Controller
+
+    return _run(Controller.from_run_dir(Path(args.run_dir), args.overrides))
+
+
+def _run(ctl) -> int:
+    """Build, run, tear down, then print where the run is and how reward moved (over the whole run)."""
     from rl.metrics import learning_summary, read_metrics
 
-    ctl = Controller.from_run_dir(Path(args.run_dir), args.overrides)
     ctl.build()
     try:
         ctl.run()
     finally:
         ctl.shutdown()
     summary = learning_summary(read_metrics(ctl.run_dir))
-    print(f"\nrun directory: {ctl.run_dir} (resumed at step {ctl.start_step})")
+    print(f"\nrun directory: {ctl.run_dir}" + (f" (resumed at step {ctl.start_step})" if ctl.resume else ""))
     if summary:
         print(f"reward: first 10% of steps {summary['first10']:.3f} -> last 10% {summary['last10']:.3f} "
               f"(gain {summary['gain']:+.3f} over {summary['steps']} steps)")

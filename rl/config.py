@@ -341,6 +341,14 @@ def validate(recipe: Recipe) -> None:
             f"Recipe key 'trainer.batch_groups' = {recipe.trainer.batch_groups} must be a multiple of "
             f"'trainer.world_size' = {recipe.trainer.world_size} (each rank trains whole groups)"
         )
+    d, need = recipe.datastore, (recipe.algorithm.eta + 2) * recipe.trainer.batch_groups * recipe.rollout.group_size
+    if d.capacity_rows < 0 or d.capacity_bytes < 0 or d.lease_s <= 0:
+        raise RecipeError("Recipe keys 'datastore.capacity_rows' and 'datastore.capacity_bytes' must be >= 0 and "
+                          "'datastore.lease_s' > 0")
+    if d.capacity_rows and d.capacity_rows < need:
+        raise RecipeError(f"Recipe key 'datastore.capacity_rows' = {d.capacity_rows} is below what the staleness budget "
+                          f"can hold at once, (algorithm.eta + 2) * trainer.batch_groups * rollout.group_size = {need}: "
+                          f"producers could wait for room that only unfinished groups hold")
     if recipe.rollout.colocate and recipe.algorithm.dynamic_sampling:
         raise RecipeError("Recipe keys 'rollout.colocate' and 'algorithm.dynamic_sampling' cannot both be on: a dropped "
                           "group's replacement would have to generate while the engines sleep for training")

@@ -474,14 +474,3 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
     tmp.replace(path)
-
-
-def run_recipe(recipe: Recipe, run_dir: Path | None = None, resume: bool = False) -> tuple[Path, list[dict[str, Any]]]:
-    """Build, run and tear down; returns the run directory and every step's metrics."""
-    ctl = Controller(recipe, run_dir, resume=resume)
-    ctl.build()
-    try:
-        records = ctl.run()
-    finally:
-        ctl.shutdown()
-    return ctl.run_dir, records

@@ -70,3 +70,13 @@ def test_shipped_recipes_load():
 
     for path in sorted(Path(__file__).parents[1].glob("recipes/*.yaml")):
         load_recipe(path)
+
+
+def test_store_capacity_below_the_staleness_budget_is_refused():
+    with pytest.raises(RecipeError) as e:
+        load_recipe(None, ["datastore.capacity_rows=100", "trainer.batch_groups=16", "rollout.group_size=8"])
+    assert "datastore.capacity_rows" in str(e.value) and "384" in str(e.value)
+
+
+def test_empty_override_is_the_empty_string():
+    assert load_recipe(None, ["data.template="]).data.template == ""

@@ -10,6 +10,8 @@ from rl.config import load_recipe
 from rl.controller import Controller
 from rl.metrics import read_metrics
 
+from helpers import logprob_gap
+
 pytestmark = pytest.mark.slow
 
 
@@ -26,16 +28,13 @@ def test_async_run_with_two_fsdp_ranks_and_exact_weight_sync(ray_session, tiny_m
     ctl = Controller(recipe)
     ctl.build()
     try:
+        before = logprob_gap(ctl, "7+9=", "16")  # the same weights loaded two ways (vLLM; transformers + FSDP2)
         records = ctl.run()
-        # after 6 weight syncs the engine and the trainer agree on every token's logprob
-        ids = ctl.tokenizer("13+5=")["input_ids"] + ctl.tokenizer("18", add_special_tokens=False)["input_ids"] + [2]
-        trainer_lp = ctl.trainer.sequence_logprobs(ids)
-        engine_lp = ray_session.get(ctl.rollouts[0].prompt_logprobs.remote(ids), timeout=60)
+        after = logprob_gap(ctl)  # after 6 weight syncs
     finally:
         ctl.shutdown()
-    diffs = [abs(a - b) for a, b in zip(trainer_lp[1:], engine_lp[1:])]
-    print("max |trainer - engine| logprob after sync:", max(diffs))
-    assert max(diffs) < 1e-4
+    print(f"max |trainer - engine| logprob: {before:.2e} at version 0, {after:.2e} after 6 syncs")
+    assert before < 1e-4 and after < 1e-4
 
     assert [r["step"] for r in records] == list(range(6))
     assert records[-1]["version"] == 6
@@ -50,20 +49,6 @@ def test_async_run_with_two_fsdp_ranks_and_exact_weight_sync(ray_session, tiny_m
         assert 0.0 <= r["reward/mean"] <= 1.0
     assert (tmp_path / "run" / "config.yaml").exists()
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 6
-
-
-def test_engine_matches_trainer_before_any_update(ray_session, tiny_model, tmp_path):
-    """Same weights loaded two ways (vLLM, transformers+FSDP2) give the same logprobs at version 0."""
-    recipe = small_recipe(tiny_model, tmp_path / "run0", "trainer.total_steps=1")
-    ctl = Controller(recipe)
-    ctl.build()
-    try:
-        ids = ctl.tokenizer("7+9=16")["input_ids"] + [2]
-        trainer_lp = ctl.trainer.sequence_logprobs(ids)
-        engine_lp = ray_session.get(ctl.rollouts[0].prompt_logprobs.remote(ids), timeout=60)
-    finally:
-        ctl.shutdown()
-    assert max(abs(a - b) for a, b in zip(trainer_lp[1:], engine_lp[1:])) < 1e-4
 
 
 def test_cli_rejects_bad_key_before_starting_anything():

@@ -6,6 +6,8 @@ import pytest
 from rl.config import load_recipe
 from rl.controller import Controller
 
+from helpers import logprob_gap
+
 pytestmark = pytest.mark.gpu
 
 
@@ -25,14 +27,9 @@ def _run(recipe_file, tiny_model, tmp_path, *extra):
     ctl.build()
     try:
         records = ctl.run()
-        ids = ctl.tokenizer("13+5=")["input_ids"] + ctl.tokenizer("18", add_special_tokens=False)["input_ids"] + [2]
-        trainer_lp = ctl.trainer.sequence_logprobs(ids)
-        import ray
-
-        engine_lp = ray.get(ctl.rollouts[0].prompt_logprobs.remote(ids), timeout=120)
+        diff = logprob_gap(ctl)
     finally:
         ctl.shutdown()
-    diff = max(abs(a - b) for a, b in zip(trainer_lp[1:], engine_lp[1:]))
     print(f"{recipe_file}: max |trainer - engine| logprob after {len(records)} syncs: {diff:.2e}")
     return records, diff
 

@@ -102,6 +102,7 @@ class RolloutConfig:
     update_mode: str = "interrupt"  # interrupt: pause between engine steps, load, in-flight requests go on;
     #                                 drain: in-flight requests finish on the old weights, then load
     ignore_eos: bool = False  # generate max_tokens every time (benchmarks)
+    seed_requests: bool = False  # a seed per request (reproducible samples; vLLM samples them one by one: slower on GPU)
     detokenize: bool = True  # engine-side detokenization (needed for stop strings and the response text)
     colocate: bool = False  # algorithm.eta = 0 only: engines sleep while the trainer uses the same devices
     sleep_level: int = 1  # colocated sleep: 1 drops the KV cache and offloads weights, 2 drops weights too

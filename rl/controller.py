@@ -30,7 +30,7 @@ from rl.models import load_tokenizer, resolve_model_path
 from rl.reward_worker import WRITE_FIELDS, RewardActor
 from rl.staleness import StalenessBudget
 from rl.transport import WeightHandle, pick_transport
-from rl.waits import WaitTimeout, await_, wait
+from rl.waits import WaitTimeout, await_, reserve, wait
 from rollout.router import RolloutRouter
 from rollout.worker import SAMPLE_FIELDS, GroupRequest, RolloutActor
 from trainer.group import Placement, TrainerGroup
@@ -66,8 +66,6 @@ def placements(r: Recipe, device: str) -> tuple[Placement, Placement]:
     """Where rollout engines and trainer ranks go. Apart (default): a bundle of `tp` GPUs per engine and
     one GPU per rank. Colocated: one bundle per GPU, shared by a trainer rank and an engine's worker
     (each takes half of it as far as Ray counts; vLLM's memory share and sleep do the real split)."""
-    from ray.util.placement_group import placement_group
-
     tp, gpu = r.rollout.tensor_parallel_size, device == "cuda"
     timeout = r.resources.wait_timeout_s
     if r.rollout.colocate:
@@ -77,15 +75,11 @@ def placements(r: Recipe, device: str) -> tuple[Placement, Placement]:
                               f"rollout.num_engines * rollout.tensor_parallel_size ({r.rollout.num_engines} * {tp}) "
                               f"must equal trainer.world_size ({n})")
         bundle = {"CPU": 2, **({"GPU": 1} if gpu else {})}
-        pg = placement_group([bundle] * n, strategy="PACK")
-        wait(pg.ready(), timeout, f"a placement group of {n} x {bundle} (colocated)", "the Ray cluster",
-             hint="the cluster may not have these resources free")
+        pg = reserve([bundle] * n, timeout, "colocated trainer ranks and engines")
         engine_bundles = list(range(0, n, tp))
         return Placement(pg, engine_bundles, 0.5 * tp if gpu else 0.0), Placement(pg, list(range(n)), 0.5 if gpu else 0.0)
     bundle = {"CPU": 1, **({"GPU": tp} if gpu else {})}
-    pg = placement_group([bundle] * r.rollout.num_engines, strategy="PACK")
-    wait(pg.ready(), timeout, f"a placement group of {r.rollout.num_engines} x {bundle} for rollout",
-         "the Ray cluster", hint="the cluster may not have these resources free")
+    pg = reserve([bundle] * r.rollout.num_engines, timeout, "rollout engines")
     return Placement(pg, list(range(r.rollout.num_engines)), float(tp) if gpu else 0.0), None
 
 

@@ -50,6 +50,28 @@ async def await_(aw: Any, timeout: float, what: str, whom: str, hint: str = "") 
         raise PeerDied(f"{whom} died while we waited for {what}: {exc}") from exc
 
 
+def reserve(bundles: list[dict[str, float]], timeout: float, purpose: str, strategy: str = "PACK") -> Any:
+    """A ready placement group of `bundles`; on timeout the error names the bundles, what they are for,
+    and what the cluster has free (the usual cause: an earlier run's actors or groups still hold it)."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    pg = placement_group(bundles, strategy=strategy)
+    try:
+        wait(pg.ready(), timeout, f"a placement group of {len(bundles)} x {bundles[0]} for {purpose}", "the Ray cluster")
+    except WaitTimeout as exc:
+        remove_placement_group(pg)
+        free, total = _plain(ray.available_resources()), _plain(ray.cluster_resources())
+        raise WaitTimeout(f"{exc}. The cluster has free {free} of {total}: it cannot hold these bundles now "
+                          "(another run's actors or placement groups may hold them)") from None
+    return pg
+
+
+def _plain(resources: dict[str, float]) -> dict[str, float]:
+    """CPU, GPU and custom resources, without memory and Ray's per-node / per-group bookkeeping keys."""
+    return {k: v for k, v in resources.items()
+            if k not in ("memory", "object_store_memory") and "_group_" not in k and not k.startswith("node:")}
+
+
 def _as_awaitable(aw: Any) -> Any:
     if isinstance(aw, list):
         return asyncio.gather(*aw)

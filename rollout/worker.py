@@ -126,7 +126,7 @@ class RolloutWorker:
         kind = RequestOutputKind.FINAL_ONLY if self.native_versions else RequestOutputKind.DELTA
         return SamplingParams(
             n=1, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k if c.top_k > 0 else 0,
-            max_tokens=max_tokens, stop=list(c.stop) or None, logprobs=0, seed=seed,
+            max_tokens=max_tokens, stop=list(c.stop) or None, logprobs=0, seed=seed if c.seed_requests else None,
             output_kind=kind, skip_special_tokens=True, detokenize=c.detokenize,
             include_stop_str_in_output=True, ignore_eos=c.ignore_eos,
         )

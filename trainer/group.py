@@ -17,13 +17,12 @@ from typing import Any, Optional
 
 import ray
 from ray.exceptions import RayActorError
-from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from datastore.client import DataStore
 from rl.config import Recipe
 from rl.transport import ChannelSpec, WeightHandle
-from rl.waits import PeerDied, WaitTimeout, await_, wait
+from rl.waits import PeerDied, WaitTimeout, await_, reserve, wait
 from trainer import checkpoint
 from trainer.worker import TrainerActor
 
@@ -55,9 +54,7 @@ class TrainerGroup:
         self.own_pg = placement is None
         if placement is None:
             bundle = {"CPU": 1, **({"GPU": 1} if device == "cuda" else {})}
-            pg = placement_group([bundle] * n, strategy="PACK")
-            wait(pg.ready(), self.timeout, f"a placement group of {n} x {bundle} for the trainer", "the Ray cluster",
-                 hint="the cluster may not have these resources free")
+            pg = reserve([bundle] * n, self.timeout, "the trainer")
             placement = Placement(pg, list(range(n)), 1.0 if device == "cuda" else 0.0)
         self.pg = placement.pg
         self.ranks = [

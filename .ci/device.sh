@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# What runs on the lent GPU machine (the `device` tool; ../shared/device/README.md): the GPU tests and the
+# GPU benchmarks, each under its own time limit, logs and JSON under $OUT.
+#
+#   bash .ci/device.sh install      # after every wheel part was copied to /tmp/parts (vLLM 0.24 + Ray)
+#   bash .ci/device.sh tests        # pytest -m gpu: weight-sync exactness (ipc), trainer on CUDA, e2e colocated
+#   bash .ci/device.sh bench        # rollout, weight-sync (ipc), trainer, Qwen2-0.5B shape
+#
+# Each step's output goes to $OUT/<step>.log and its JSON to $OUT/<step>.json; a step that fails or runs
+# past its limit is reported and the next one still runs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONPATH=/tmp/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 TOKENIZERS_PARALLELISM=false
+
+step() {  # step NAME LIMIT_S CMD...
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s)
+  echo "== $name (limit ${limit}s): $*"
+  timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc in $(( $(date +%s) - t0 ))s"
+  tail -n 25 "$OUT/$name.log"
+}
+
+QWEN05="--arch qwen2 --hidden 896 --layers 24 --vocab 151936"
+case "${1:-}" in
+  install)
+    if [ ! -d /tmp/site/vllm ]; then
+      (cd /tmp && cat /tmp/parts/wh.tar.* | tar xf - && python3 -m pip install -q --no-index --no-deps \
+         --no-compile --no-cache-dir --target /tmp/site /tmp/wh/*.whl) || exit 1
+    fi
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -c "import vllm, ray, torch; print('vllm', vllm.__version__, 'ray', ray.__version__, 'torch', torch.__version__)"
+    ;;
+  tests)
+    step gpu_tests "${2:-480}" python3 -m pytest -q -m gpu -s -p no:cacheprovider \
+      tests/test_weight_sync.py tests/test_trainer_gpu.py tests/test_gpu_e2e.py
+    ;;
+  bench)
+    step bench_rollout "${2:-330}" python3 -m rl.cli bench rollout --device cuda $QWEN05 --heads 14 --kv-heads 2 \
+      --intermediate 4864 --dtype bfloat16 --prompts 256 --n 4 --prompt-len 64 --max-tokens 512 \
+      --max-num-seqs 256 --gpu-mem 0.8 --repeats 2 --out "$OUT/bench_rollout.json"
+    step bench_weight_sync "${3:-150}" python3 -m rl.cli bench weight-sync --device cuda $QWEN05 --transport ipc \
+      --syncs 5 --out "$OUT/bench_weight_sync.json"
+    step bench_trainer "${4:-150}" python3 -m rl.cli bench trainer --device cuda --world-size 1 \
+      --preset qwen2-0.5b --rounds 3 --out "$OUT/bench_trainer.json"
+    ;;
+  *)
+    echo "usage: $0 install|tests|bench" >&2; exit 2 ;;
+esac

@@ -5,6 +5,7 @@
 #   bash .ci/device.sh install      # after every wheel part was copied to /tmp/parts (vLLM 0.24 + Ray)
 #   bash .ci/device.sh tests        # pytest -m gpu: weight-sync exactness (ipc), trainer on CUDA, e2e colocated
 #   bash .ci/device.sh bench        # rollout, weight-sync (ipc), trainer, Qwen2-0.5B shape
+#   bash .ci/device.sh rollout|ipc-test   # one of them alone
 #
 # Each step's output goes to $OUT/<step>.log and its JSON to $OUT/<step>.json; a step that fails or runs
 # past its limit is reported and the next one still runs.
@@ -38,6 +39,14 @@ case "${1:-}" in
     step gpu_tests "${2:-480}" python3 -m pytest -q -m gpu -s -p no:cacheprovider \
       tests/test_weight_sync.py tests/test_trainer_gpu.py tests/test_gpu_e2e.py
     ;;
+  rollout)
+    step bench_rollout "${2:-400}" python3 -m rl.cli bench rollout --device cuda $QWEN05 --heads 14 --kv-heads 2 \
+      --intermediate 4864 --dtype bfloat16 --prompts 256 --n 4 --prompt-len 64 --max-tokens 512 \
+      --max-num-seqs 256 --gpu-mem 0.8 --repeats 2 --out "$OUT/bench_rollout.json"
+    ;;
+  ipc-test)
+    step gpu_ipc_test "${2:-300}" python3 -m pytest -q -s -p no:cacheprovider "tests/test_weight_sync.py::test_gpu_sync_is_exact[ipc-M1-tp1]"
+    ;;
   bench)
     step bench_rollout "${2:-330}" python3 -m rl.cli bench rollout --device cuda $QWEN05 --heads 14 --kv-heads 2 \
       --intermediate 4864 --dtype bfloat16 --prompts 256 --n 4 --prompt-len 64 --max-tokens 512 \
@@ -48,5 +57,5 @@ case "${1:-}" in
       --preset qwen2-0.5b --rounds 3 --out "$OUT/bench_trainer.json"
     ;;
   *)
-    echo "usage: $0 install|tests|bench" >&2; exit 2 ;;
+    echo "usage: $0 install|tests|bench|rollout|ipc-test" >&2; exit 2 ;;
 esac

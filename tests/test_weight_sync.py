@@ -32,7 +32,8 @@ def _recipe(tiny_model, tmp, m: int, transport: str, tp: int = 1, device: str = 
     return load_recipe(None, [
         f"model.path={tiny_model}", f"model.dtype={dtype}", f"trainer.world_size={m}", "trainer.batch_groups=2",
         f"rollout.tensor_parallel_size={tp}", f"rollout.weight_transport={transport}",
-        "rollout.weight_bucket_mb=0.25", "resources.wait_timeout_s=120", f"resources.device={device}",
+        "rollout.weight_bucket_mb=0.25", f"resources.wait_timeout_s={120 if device == 'cpu' else 400}",
+        f"resources.device={device}",
         f"logging.run_dir={tmp}", "rollout.max_model_len=64", "trainer.compute_dtype=float32",
         f"rollout.colocate={str(transport == 'ipc').lower()}", "algorithm.eta=0",
     ])

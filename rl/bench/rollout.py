@@ -92,6 +92,7 @@ def _child_baseline(spec_path: str) -> None:
         dt = time.perf_counter() - t0
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         best = max(best, tokens / dt)
+        print(f"plain vLLM repeat: {tokens / dt:,.0f} tokens/s", file=sys.stderr, flush=True)
     print("BASELINE " + json.dumps({"tokens_per_s": best, "tokens": tokens}), flush=True)
 
 
@@ -104,10 +105,10 @@ def _baseline(args: argparse.Namespace, engine: dict[str, Any], prompts: list[li
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(args.kv_gib)))))
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     out = subprocess.run([sys.executable, "-m", "rl.bench.rollout", "--baseline-child", f.name], env=env,
-                         capture_output=True, text=True, timeout=1800)
+                         stdout=subprocess.PIPE, text=True, timeout=1800)  # its stderr (progress, errors) shows
     lines = [line for line in out.stdout.splitlines() if line.startswith("BASELINE ")]
     if out.returncode != 0 or not lines:
-        raise RuntimeError(f"baseline child failed (rc {out.returncode}):\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"the plain vLLM baseline (a child process) failed with rc {out.returncode}: its output is above")
     return json.loads(lines[-1][len("BASELINE "):])
 
 
@@ -145,6 +146,7 @@ def _streamrl(args: argparse.Namespace, model: str, prompts: list[list[int]]) ->
             dt = time.perf_counter() - t0
             tokens = sum(r["tokens"] for r in res)
             best = max(best, tokens / dt)
+            print(f"streamrl repeat {rep + 1}/{args.repeats}: {tokens / dt:,.0f} tokens/s", file=sys.stderr, flush=True)
         stored = store.stats()
         for w in workers:
             ray.get(w.shutdown.remote(), timeout=120)
@@ -162,7 +164,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     prompts = _prompts(args)
     engine = _engine_kwargs(args, model)
     base = _baseline(args, engine, prompts)
+    print(f"plain vLLM: {base['tokens_per_s']:,.0f} tokens/s; now streamrl's rollout worker(s)", file=sys.stderr, flush=True)
     ours = _streamrl(args, model, prompts)
+    print(f"streamrl: {ours['tokens_per_s']:,.0f} tokens/s", file=sys.stderr, flush=True)
     ratio = ours["tokens_per_s"] / base["tokens_per_s"]
     print_table([
         {"path": "plain vLLM LLM.generate", "engines": 1, "requests": len(prompts) * args.n,

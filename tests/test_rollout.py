@@ -44,6 +44,15 @@ def requests(tok, groups, n, start=0, prompt="3+4="):
     return [GroupRequest(group=start + g, prompt=prompt, prompt_ids=ids, row='{"answer": "7"}', n=n) for g in range(groups)]
 
 
+def wait_in_flight(worker, n: int, extra_s: float = 0.15) -> None:
+    """Until `worker` holds at least n requests, then a few engine steps more (so they have tokens)."""
+    t0 = time.monotonic()
+    while ray.get(worker.stats.remote(), timeout=30)["inflight"] < n:
+        assert time.monotonic() - t0 < 60, f"the worker never held {n} requests"
+        time.sleep(0.02)
+    time.sleep(extra_s)
+
+
 def fields(store, n_rows, consumer):
     return store.get(consumer, "p", ["response_ids", "logprobs", "token_versions", "loss_mask", "version", "worker",
                                      "turns", "response"], n_rows, timeout=60).to_pylist()
@@ -60,15 +69,15 @@ def test_interrupted_update_keeps_tokens_and_records_versions(engines):
             p.mul_(0.9)  # version 1 differs from version 0
     sender = ShmFileSender("test-interrupt")
     handle = sender.send(model.state_dict().items(), version=1)
-    reqs = requests(tok, 16, 4, start=0, prompt="plain ")
+    reqs = requests(tok, 64, 4, start=0, prompt="plain ")  # 256 requests x 40 tokens: about a second here
     refs = [ws[0].generate_group.remote(r) for r in reqs]
-    time.sleep(0.3)  # requests are mid-generation now
+    wait_in_flight(ws[0], 256)  # requests are mid-generation now
     upd = ray.get(ws[0].update_weights.remote(handle), timeout=60)
     res = ray.get(refs, timeout=120)
     sender.close()
     assert all(not r["failed"] for r in res)
-    rows = fields(store, 64, "interrupt-check")
-    assert len(rows) == 64
+    rows = fields(store, 256, "interrupt-check")
+    assert len(rows) == 256
     switched = 0
     for r in rows:
         assert len(r["response_ids"]) == 40 == len(r["logprobs"]) == len(r["token_versions"])  # nothing lost
@@ -77,7 +86,7 @@ def test_interrupted_update_keeps_tokens_and_records_versions(engines):
         assert r["version"] == v[0]
         switched += 0 < v.index(1) if 1 in v else 0
     assert switched > 0, "no request was in flight across the update"
-    print(f"requests that switched weights mid-generation: {switched}/64; update took {upd}")
+    print(f"requests that switched weights mid-generation: {switched}/256; update took {upd}")
 
 
 def test_router_spreads_load_over_engines(engines):
@@ -104,7 +113,7 @@ def test_multi_turn_tool_tokens_are_masked(engines):
     res = ray.get(ws[1].generate_group.remote(requests(tok, 1, 2, start=200, prompt="calc: ")[0]), timeout=120)
     assert res["done"] == [0, 1]
     rows = [r for r in store.get("agent", "p", ["response_ids", "loss_mask", "logprobs", "turns", "response", "group"],
-                                 200, min_n=1, timeout=60).to_pylist() if r["group"] == 200]
+                                 10_000, min_n=1, timeout=60).to_pylist() if r["group"] == 200]
     assert len(rows) == 2
     tool_ids = tok("[tool:42]", add_special_tokens=False)["input_ids"]
     for r in rows:
@@ -118,6 +127,37 @@ def test_multi_turn_tool_tokens_are_masked(engines):
         assert "[tool:42]" in r["response"]
 
 
+def test_drain_update_lets_in_flight_requests_finish_on_the_old_weights(engines):
+    """update_mode drain: requests in the engine when the update comes finish wholly on version 0 (none
+    switches weights mid-way, as in interrupt mode); requests after it run on version 1."""
+    from rl.transport import ShmFileSender
+
+    store, ws, path = engines
+    tok = load_tokenizer(path)
+    ray.get(ws[1].__ray_call__.remote(lambda w: setattr(w.cfg, "update_mode", "drain")), timeout=30)
+    sender = ShmFileSender("test-drain")
+    try:
+        handle = sender.send(load_causal_lm(path).state_dict().items(), version=1)
+        refs = [ws[1].generate_group.remote(r) for r in requests(tok, 32, 4, start=400, prompt="plain ")]
+        wait_in_flight(ws[1], 128)  # requests are mid-generation now
+        upd = ray.get(ws[1].update_weights.remote(handle), timeout=120)
+        after = ray.get(ws[1].generate_group.remote(requests(tok, 1, 2, start=432, prompt="plain ")[0]), timeout=120)
+        ray.get(refs, timeout=120)
+    finally:
+        sender.close()
+        ray.get(ws[1].__ray_call__.remote(lambda w: setattr(w.cfg, "update_mode", "interrupt")), timeout=30)
+    assert after["done"] == [0, 1]
+    rows = [r for r in store.get("drain-check", "p", ["group", "token_versions", "version"], 10_000, min_n=1,
+                                 timeout=60).to_pylist() if 400 <= r["group"] <= 432]
+    assert len(rows) == 130
+    mixed = [r["token_versions"] for r in rows if len(set(r["token_versions"])) > 1]
+    assert not mixed, f"drain mode let {len(mixed)} requests switch weights mid-generation"
+    old = [r for r in rows if r["group"] < 432 and r["version"] == 0]
+    assert old, "no request was in flight when the update came"
+    assert all(set(r["token_versions"]) == {1} for r in rows if r["group"] == 432)
+    print(f"drain: {len(old)}/128 requests finished on version 0 first; update took {upd['seconds']:.3f} s")
+
+
 def test_killed_engine_requests_finish_elsewhere(engines):
     store, ws, path = engines
     tok = load_tokenizer(path)
@@ -126,8 +166,8 @@ def test_killed_engine_requests_finish_elsewhere(engines):
     assert pid > 0
 
     async def go():
-        tasks = [asyncio.create_task(router.run_group(r)) for r in requests(tok, 8, 4, start=300, prompt="plain ")]
-        await asyncio.sleep(0.3)
+        tasks = [asyncio.create_task(router.run_group(r)) for r in requests(tok, 32, 4, start=300, prompt="plain ")]
+        await asyncio.to_thread(wait_in_flight, ws[0], 64)
         os.kill(pid, signal.SIGKILL)  # the engine core process dies mid-generation
         return await asyncio.gather(*tasks)
 
@@ -135,5 +175,5 @@ def test_killed_engine_requests_finish_elsewhere(engines):
     assert all(sorted(r["done"]) == [0, 1, 2, 3] for r in res)
     assert router.failures and router.failures[0]["engine"] == 0
     idx = store.get("fail", "p", ["group"], 1000, min_n=1, timeout=60).to_pydict()
-    mine = sorted(i for i, g in zip(idx["index"], idx["group"]) if 300 <= g < 308)
-    assert mine == [g * 4 + j for g in range(300, 308) for j in range(4)]  # every sample once, none twice
+    mine = sorted(i for i, g in zip(idx["index"], idx["group"]) if 300 <= g < 332)
+    assert mine == [g * 4 + j for g in range(300, 332) for j in range(4)]  # every sample once, none twice

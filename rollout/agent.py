@@ -75,7 +75,7 @@ async def run_episode(generate: Generate, prompt: str, prompt_ids: list[int], ro
     turns = cfg.max_turns if hook is not None else 1
     budget = min(cfg.max_total_tokens or max_tokens * turns, max_context - len(prompt_ids))
     conv = Conversation(prompt, row)
-    for _ in range(turns):
+    for turn in range(turns):
         room = min(max_tokens, budget - len(ep.response_ids))
         if room <= 0:
             break
@@ -88,8 +88,8 @@ async def run_episode(generate: Generate, prompt: str, prompt_ids: list[int], ro
         ep.finish_reason = out.finish_reason
         ep.turns += 1
         conv.turns.append(Turn("assistant", out.text))
-        if hook is None or out.finish_reason == "length" and len(ep.response_ids) >= budget:
-            break
+        if hook is None or turn == turns - 1 or out.finish_reason == "length" and len(ep.response_ids) >= budget:
+            break  # no model turn could answer the hook's text
         nxt = await _call_hook(hook, conv, cfg.timeout_s, ep)
         if not nxt:
             break

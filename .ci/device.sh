@@ -26,6 +26,11 @@ step() {  # step NAME LIMIT_S CMD...
 }
 
 QWEN05="--arch qwen2 --hidden 896 --layers 24 --vocab 151936"
+bench_rollout() {  # bench_rollout LIMIT_S
+  step bench_rollout "$1" python3 -m rl.cli bench rollout --device cuda $QWEN05 --heads 14 --kv-heads 2 \
+    --intermediate 4864 --dtype bfloat16 --prompts 256 --n 4 --prompt-len 64 --max-tokens 512 \
+    --max-num-seqs 256 --gpu-mem 0.8 --repeats 2 --out "$OUT/bench_rollout.json"
+}
 case "${1:-}" in
   install)
     if [ ! -d /tmp/site/vllm ]; then
@@ -40,17 +45,13 @@ case "${1:-}" in
       tests/test_weight_sync.py tests/test_trainer_gpu.py tests/test_gpu_e2e.py
     ;;
   rollout)
-    step bench_rollout "${2:-400}" python3 -m rl.cli bench rollout --device cuda $QWEN05 --heads 14 --kv-heads 2 \
-      --intermediate 4864 --dtype bfloat16 --prompts 256 --n 4 --prompt-len 64 --max-tokens 512 \
-      --max-num-seqs 256 --gpu-mem 0.8 --repeats 2 --out "$OUT/bench_rollout.json"
+    bench_rollout "${2:-400}"
     ;;
   ipc-test)
     step gpu_ipc_test "${2:-300}" python3 -m pytest -q -s -p no:cacheprovider "tests/test_weight_sync.py::test_gpu_sync_is_exact[ipc-M1-tp1]"
     ;;
   bench)
-    step bench_rollout "${2:-330}" python3 -m rl.cli bench rollout --device cuda $QWEN05 --heads 14 --kv-heads 2 \
-      --intermediate 4864 --dtype bfloat16 --prompts 256 --n 4 --prompt-len 64 --max-tokens 512 \
-      --max-num-seqs 256 --gpu-mem 0.8 --repeats 2 --out "$OUT/bench_rollout.json"
+    bench_rollout "${2:-400}"
     step bench_weight_sync "${3:-150}" python3 -m rl.cli bench weight-sync --device cuda $QWEN05 --transport ipc \
       --syncs 5 --out "$OUT/bench_weight_sync.json"
     step bench_trainer "${4:-150}" python3 -m rl.cli bench trainer --device cuda --world-size 1 \

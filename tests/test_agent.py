@@ -10,6 +10,7 @@ from rl.rewards import Sample
 from rollout.agent import Conversation, TurnOutput, run_episode
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "recipes", "tools"))
+import calculator  # noqa: E402
 import checker  # noqa: E402
 
 
@@ -75,6 +76,6 @@ def test_checker_stops_on_the_right_answer_and_scores_the_last_one():
     assert checker.next_turn(conv) is None
     sample = lambda text: Sample(prompt="13+5=", response=text, prompt_ids=[], response_ids=[],  # noqa: E731
                                  finish_reason="stop", row={"answer": "18"})
-    assert checker.final_answer(sample("17 no. 13+5=18")) == 1.0
-    assert checker.final_answer(sample("17 no. 13+5=19")) == 0.0
-    assert checker.final_answer(sample("18")) == 1.0
+    assert calculator.final_answer(sample("17 no. 13+5=18")) == 1.0
+    assert calculator.final_answer(sample("17 no. 13+5=19")) == 0.0
+    assert calculator.final_answer(sample("18")) == 1.0

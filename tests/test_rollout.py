@@ -174,6 +174,6 @@ def test_killed_engine_requests_finish_elsewhere(engines):
     res = asyncio.run(go())
     assert all(sorted(r["done"]) == [0, 1, 2, 3] for r in res)
     assert router.failures and router.failures[0]["engine"] == 0
-    idx = store.get("fail", "p", ["group"], 1000, min_n=1, timeout=60).to_pydict()
+    idx = store.get("fail", "p", ["group"], 10_000, min_n=1, timeout=60).to_pydict()
     mine = sorted(i for i, g in zip(idx["index"], idx["group"]) if 300 <= g < 332)
     assert mine == [g * 4 + j for g in range(300, 332) for j in range(4)]  # every sample once, none twice

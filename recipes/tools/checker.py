@@ -1,11 +1,11 @@
 """A checker tool for recipes/multiturn_tool.yaml: when the model's answer is wrong it says so and asks
 again, so the model gets up to `rollout.agent.max_turns` tries (the checker's text is masked out of the
 loss). Works with the tiny arithmetic model, which answers `a+b=` prompts but never writes tool calls;
-calculator.py beside it is the call-a-tool pattern for a model that writes `calc(...)`."""
+calculator.py beside it is the call-a-tool pattern for a model that writes `calc(...)`, and its
+`final_answer` (the text after the last "=") scores both."""
 
 from __future__ import annotations
 
-from rl.rewards import Sample
 from rollout.agent import Conversation
 
 
@@ -15,8 +15,3 @@ def next_turn(conv: Conversation) -> str | None:
         return None
     return f" no. {conv.prompt}"
 
-
-def final_answer(sample: Sample) -> float:
-    """1.0 when the model's last turn (after the last '=' of the checker's question) is the answer."""
-    tail = sample.response.rsplit("=", 1)[-1] if "=" in sample.response else sample.response
-    return float(tail.strip() == str(sample.row.get("answer", "")).strip())

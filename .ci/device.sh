@@ -5,7 +5,7 @@
 #   bash .ci/device.sh install      # after every wheel part was copied to /tmp/parts (vLLM 0.24 + Ray)
 #   bash .ci/device.sh tests        # pytest -m gpu: weight-sync exactness (ipc), trainer on CUDA, e2e colocated
 #   bash .ci/device.sh bench        # rollout, weight-sync (ipc), trainer, Qwen2-0.5B shape
-#   bash .ci/device.sh rollout|ipc-test   # one of them alone
+#   bash .ci/device.sh rollout|wsync|trainer|ipc-test   # one of them alone (trainer also writes profiles)
 #
 # Each step's output goes to $OUT/<step>.log and its JSON to $OUT/<step>.json; a step that fails or runs
 # past its limit is reported and the next one still runs.
@@ -31,6 +31,15 @@ bench_rollout() {  # bench_rollout LIMIT_S
     --intermediate 4864 --dtype bfloat16 --prompts 256 --n 4 --prompt-len 64 --max-tokens 512 \
     --max-num-seqs 256 --gpu-mem 0.8 --repeats 2 --out "$OUT/bench_rollout.json"
 }
+bench_wsync() {
+  step bench_weight_sync "$1" python3 -m rl.cli bench weight-sync --device cuda $QWEN05 --transport ipc \
+    --syncs 5 --out "$OUT/bench_weight_sync.json"
+}
+bench_trainer() {  # bench_trainer LIMIT_S [extra args]
+  local limit=$1; shift
+  step bench_trainer "$limit" python3 -m rl.cli bench trainer --device cuda --world-size 1 \
+    --preset qwen2-0.5b --out "$OUT/bench_trainer.json" "$@"
+}
 case "${1:-}" in
   install)
     if [ ! -d /tmp/site/vllm ]; then
@@ -52,11 +61,15 @@ case "${1:-}" in
     ;;
   bench)
     bench_rollout "${2:-400}"
-    step bench_weight_sync "${3:-150}" python3 -m rl.cli bench weight-sync --device cuda $QWEN05 --transport ipc \
-      --syncs 5 --out "$OUT/bench_weight_sync.json"
-    step bench_trainer "${4:-150}" python3 -m rl.cli bench trainer --device cuda --world-size 1 \
-      --preset qwen2-0.5b --rounds 3 --out "$OUT/bench_trainer.json"
+    bench_wsync "${3:-150}"
+    bench_trainer "${4:-150}" --rounds 3
+    ;;
+  wsync)
+    bench_wsync "${2:-150}"
+    ;;
+  trainer)
+    bench_trainer "${2:-300}" --rounds 6 --profile "$OUT/trainer_profile"
     ;;
   *)
-    echo "usage: $0 install|tests|bench|rollout|ipc-test" >&2; exit 2 ;;
+    echo "usage: $0 install|tests|bench|rollout|wsync|trainer|ipc-test" >&2; exit 2 ;;
 esac

@@ -99,6 +99,50 @@ def test_packed_logprobs_equal_padded(tiny_model):
     assert torch.allclose(padded * mb.mask, packed * mb.mask, atol=1e-5)
 
 
+def test_response_logits_are_the_full_logits_at_response_positions(tiny_model):
+    """The LM head runs on the response-predicting positions only (a pre-hook picks their hidden states):
+    the logits equal the full forward's at those positions, padded and packed, and the gradient matches."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.model import logprobs_and_entropy, model_inputs, response_logits
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    s = [sample([1, 20, 14, 22, 16], [30, 2]), sample([1, 21, 14], [23, 24, 25, 2]), sample([1, 19], [2])]
+    for packed in (False, True):
+        mb = collate(s, [0, 1, 2], packed=packed)
+        picked = response_logits(model, mb, temperature=0.7)
+        full = model(**model_inputs(mb), use_cache=False).logits
+        want = full.reshape(-1, full.shape[-1])[mb.positions.reshape(-1)].reshape(*mb.positions.shape, -1) / 0.7
+        assert picked.shape == want.shape == (3, 4, model.config.vocab_size)
+        assert torch.allclose(picked, want, atol=1e-5)
+        lp, _ = logprobs_and_entropy(picked, mb.targets)
+        (lp * mb.mask).sum().backward()
+        g1 = model.lm_head.weight.grad.clone()
+        model.zero_grad()
+        lw = torch.log_softmax(want, -1).gather(-1, mb.targets[..., None]).squeeze(-1)
+        (lw * mb.mask).sum().backward()
+        assert torch.allclose(g1, model.lm_head.weight.grad, atol=1e-5)
+        model.zero_grad()
+    assert not model.lm_head._forward_pre_hooks  # the hook is removed after each call
+
+
+def test_logprobs_and_entropy_match_their_definitions():
+    from trainer.model import logprobs_and_entropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11, requires_grad=True)
+    targets = torch.randint(0, 11, (3, 5))
+    logp = torch.log_softmax(logits, -1)
+    want_lp = logp.gather(-1, targets[..., None]).squeeze(-1)
+    want_ent = -(logp.exp() * logp).sum(-1)
+    for block in (1 << 28, 11 * 4 * 2):  # one block; blocks of 2 rows (the last one short)
+        lp, ent = logprobs_and_entropy(logits, targets, block_bytes=block)
+        assert torch.allclose(lp, want_lp, atol=1e-6) and torch.allclose(ent, want_ent, atol=1e-6)
+        assert lp.requires_grad and not ent.requires_grad
+    lp, ent = logprobs_and_entropy(logits, targets, entropy_grad=True)
+    assert ent.requires_grad and torch.allclose(ent, want_ent, atol=1e-6)
+
+
 def test_lr_schedule_warmup_then_cosine():
     f = lr_lambda(TrainerConfig(lr_schedule="cosine", warmup_steps=2, total_steps=12, min_lr_ratio=0.1))
     assert [f(0), f(1)] == [0.5, 1.0]

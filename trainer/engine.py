@@ -23,7 +23,7 @@ from rl import algorithms
 from rl.config import Recipe, TrainerConfig
 from trainer.batching import MicroBatch, Sample, collate, pad_stack, padded_tokens, plan_micro_batches, split_mini_batches
 from trainer.critic import build_critic, response_values
-from trainer.model import ModelSource, build_policy, build_reference, entropy, response_logits, token_logprobs
+from trainer.model import ModelSource, build_policy, build_reference, logprobs_and_entropy, response_logits, token_logprobs
 
 
 def lr_lambda(cfg: TrainerConfig) -> Callable[[int], float]:
@@ -184,12 +184,8 @@ class PolicyTrainer:
         for index in plan:
             mb = self._collate(samples, index)
             logits = response_logits(self.model, mb, self.recipe.rollout.temperature)
-            logprobs = token_logprobs(logits, mb.targets)
-            if a.entropy_coef > 0:
-                ent = entropy(logits)
-            else:
-                with torch.no_grad():
-                    ent = entropy(logits)
+            logprobs, ent = logprobs_and_entropy(logits, mb.targets, entropy_grad=a.entropy_coef > 0)
+            del logits  # the log-softmax keeps what backward needs
             inputs = algorithms.LossInputs(
                 logprobs=logprobs,
                 proximal_logprobs=mb.field(scores["prox"]) if "prox" in scores else logprobs.detach(),

@@ -99,13 +99,31 @@ def model_inputs(mb: MicroBatch) -> dict[str, Optional[torch.Tensor]]:
 
 
 def response_logits(model: torch.nn.Module, mb: MicroBatch, temperature: float = 1.0) -> torch.Tensor:
-    """(n, R, V) float32 logits at the positions that predict each response token, scaled like the sampler."""
-    logits = model(**model_inputs(mb), use_cache=False).logits
-    flat = logits.reshape(-1, logits.shape[-1])
-    picked = flat.index_select(0, mb.positions.reshape(-1)).float()
-    if temperature != 1.0:
-        picked = picked / temperature
-    return picked.reshape(*mb.positions.shape, -1)
+    """(n, R, V) float32 logits at the positions that predict each response token, scaled like the sampler.
+
+    The LM head runs on those positions only: a forward pre-hook on the output embedding picks their hidden
+    states (n * R rows of width H) before the head sees them. Prompt and padding positions never get
+    logits, and no vocabulary-wide tensor is indexed (its backward, an index_add over n * L * V, was what
+    made this step slower than a plain cross-entropy step on GPU; docs/benchmarks.md)."""
+    head = model.get_output_embeddings()
+    index = mb.positions.reshape(-1)
+
+    def pick(_module: torch.nn.Module, args: tuple) -> tuple:
+        h = args[0]
+        return (h.reshape(-1, h.shape[-1]).index_select(0, index).reshape(*mb.positions.shape, h.shape[-1]),
+                *args[1:])
+
+    hook = head.register_forward_pre_hook(pick) if head is not None else None
+    try:
+        logits = model(**model_inputs(mb), use_cache=False).logits
+    finally:
+        if hook is not None:
+            hook.remove()
+    if tuple(logits.shape[:2]) != tuple(mb.positions.shape):  # a model without a separate head module
+        flat = logits.reshape(-1, logits.shape[-1])
+        logits = flat.index_select(0, index).reshape(*mb.positions.shape, -1)
+    logits = logits.float()
+    return logits / temperature if temperature != 1.0 else logits
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -114,10 +132,20 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -F.cross_entropy(logits.reshape(-1, v), targets.reshape(-1), reduction="none").reshape(n, r)
 
 
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """(n, R) entropy of the softmax of (n, R, V) logits."""
+def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, entropy_grad: bool = False,
+                         block_bytes: int = 1 << 28) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, R) logprob of each target and (n, R) entropy, from one log-softmax of (n, R, V) logits. The
+    entropy carries a gradient only when asked (an entropy bonus); as a metric it is computed without one,
+    a block of rows at a time, so it adds no vocabulary-wide tensor to the autograd graph."""
     logp = torch.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    if entropy_grad:
+        return lp, -(logp.exp() * logp).sum(-1)
+    with torch.no_grad():
+        flat = logp.detach().reshape(-1, logp.shape[-1])
+        rows = max(1, block_bytes // max(flat.shape[1] * flat.element_size(), 1))
+        ent = torch.cat([-(b.exp() * b).sum(-1) for b in flat.split(rows)]) if flat.shape[0] else flat.sum(-1)
+    return lp, ent.reshape(lp.shape)
 
 
 def param_count(model: torch.nn.Module) -> int:

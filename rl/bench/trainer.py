@@ -64,6 +64,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=4, help="timed rounds (each: --steps batches, every system on each)")
     p.add_argument("--steps", type=int, default=2, help="steps per system per round")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per system first")
+    p.add_argument("--profile", default="", help="after the timed rounds, one more step of each system under "
+                   "torch.profiler: rank 0 writes DIR/<system>.txt (the top operators by device time, or CPU "
+                   "time on CPU)")
 
 
 def _shape(args: argparse.Namespace, device: str) -> dict[str, Any]:
@@ -242,6 +245,40 @@ def _measure(systems: dict[str, Any], args: argparse.Namespace, vocab: int, rank
             "micro_batches": sum(micro) / max(len(micro), 1)}
 
 
+def _profile(systems: dict[str, Any], args: argparse.Namespace, vocab: int, rank: int, device) -> dict[str, str]:
+    """One step of each system on the same batch under torch.profiler; rank 0 writes the operator tables
+    (the answer to "where does the step's time go" when the ratio falls short)."""
+    from pathlib import Path
+
+    import torch
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    batch = _samples(args, vocab, rank, 10_000)
+    out: dict[str, str] = {}
+    for name, system in systems.items():
+        dist.barrier()
+        with profile(activities=activities, record_shapes=False) as prof:
+            t0 = time.perf_counter()
+            if name == "plain":
+                system.step(batch, args.plain_micro_batch)
+            else:
+                system.train(batch, 10_000)
+            if cuda:
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+        if rank == 0:
+            path = Path(args.profile) / f"{name}.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"{name}: one step, {wall:.3f} s wall (under the profiler)\n\n"
+                            + prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=70))
+            out[name] = str(path)
+    return out
+
+
 def _recipe(args: argparse.Namespace, *extra: str):
     from rl.config import load_recipe
 
@@ -278,6 +315,8 @@ def _rank_main(rank: int, args: argparse.Namespace, device_kind: str, port: int,
         dist.all_reduce(peak)
         systems = {"streamrl": ours, "streamrl_fixed": fixed, "plain": plain}
         result = _measure(systems, args, shape["vocab"], rank, device)
+        if args.profile:
+            result["profiles"] = _profile(systems, args, shape["vocab"], rank, device)
         if rank == 0:
             name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
             nominal = next((v * args.world_size for k, v in NOMINAL_BF16.items() if k in name), None)
@@ -344,4 +383,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "peak_source": r["peak_source"], "measured_matmul_flops": r["measured_peak"],
         "rounds": args.rounds, "steps_per_round": args.steps,
     })
+    if "profiles" in r:
+        figures["profiles"] = r["profiles"]
     return figures

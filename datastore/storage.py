@@ -23,6 +23,16 @@ import ray
 from datastore.errors import StoreFull, plain
 from datastore.ledger import IndexSet
 from datastore.log import RowLog
+
+
+def vague(t: pa.DataType) -> bool:
+    """A type Arrow inferred from values that say nothing (all None, or only empty lists: list<null>): it
+    fixes no field type and casts to the field's type when read."""
+    if pa.types.is_null(t):
+        return True
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return vague(t.value_type)
+    return False
 from datastore.stats import RateMeter
 from rl.waits import await_
 
@@ -54,13 +64,13 @@ class Shard:
         for name in batch.schema.names:
             known = self.types[partition].get(name)
             got = batch.schema.field(name).type
-            if name != INDEX and known is not None and not pa.types.is_null(got) and known != got:
+            if name != INDEX and known is not None and not vague(got) and known != got:
                 raise TypeError(f"field '{name}' of partition '{partition}' holds {known}; this put gives {got}")
 
     def new_types(self, partition: str, batch: pa.RecordBatch) -> dict[str, pa.DataType]:
         known = self.types[partition]
         return {f.name: f.type for f in batch.schema if f.name != INDEX and f.name not in known
-                and not pa.types.is_null(f.type)}
+                and not vague(f.type)}
 
     def new_rows(self, partition: str, indexes: Iterable[int]) -> int:
         rows = self.rows[partition]
@@ -72,7 +82,7 @@ class Shard:
     # ------------------------------------------------------------------ writes
     def put(self, partition: str, batch: pa.RecordBatch) -> list[int]:
         for f in batch.schema:
-            if f.name != INDEX and f.name not in self.types[partition] and not pa.types.is_null(f.type):
+            if f.name != INDEX and f.name not in self.types[partition] and not vague(f.type):
                 self.types[partition][f.name] = f.type
         b = len(self.batches[partition])
         self.batches[partition].append(batch)

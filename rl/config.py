@@ -99,8 +99,11 @@ class RolloutConfig:
     weight_transport: str = "auto"  # how weights reach the engines (docs/weights.md): auto | shm | gloo | nccl | ipc;
     #                                 auto = gloo on CPU, nccl on GPUs, ipc when colocated
     weight_bucket_mb: float = 256.0  # weights travel in buckets of at most this many MiB (a bigger tensor goes alone)
-    update_mode: str = "interrupt"  # interrupt: pause between engine steps, load, in-flight requests go on;
-    #                                 drain: in-flight requests finish on the old weights, then load
+    update_mode: str = "interrupt"  # interrupt: pause between engine steps, load, in-flight requests go on with
+    #                                 the KV cache they have (computed by older weights; so may prefix-cache hits);
+    #                                 recompute: the same, but every cached KV is dropped at the pause and in-flight
+    #                                 requests re-prefill on the new weights (AReaL's rule); drain: in-flight
+    #                                 requests finish on the old weights, then the caches are dropped and it loads
     ignore_eos: bool = False  # generate max_tokens every time (benchmarks)
     seed_requests: bool = False  # a seed per request (reproducible samples; vLLM samples them one by one: slower on GPU)
     detokenize: bool = True  # engine-side detokenization (needed for stop strings and the response text)
@@ -126,6 +129,9 @@ class TrainerConfig:
     #                              0 = no budget. Samples are binned by length so a micro-batch pads little
     micro_batch_size: int = 0  # most samples per micro-batch; 0 = no cap (no cap and no budget: one micro-batch)
     packing: bool = False  # a micro-batch is one row of concatenated samples (attention stays within each sample)
+    pad_multiple: int = 0  # a micro-batch's sequence length is rounded up to a multiple of this, so shapes repeat
+    #                        across steps and per-shape plans (cuDNN attention) are built once; 0 = auto: 64 on
+    #                        CUDA (a new shape cost ~2 ms of host time per attention call there), 1 on CPU
     mini_batches: int = 1  # optimizer updates per step (PPO mini-batches); > 1 recomputes proximal logprobs first
     lr_schedule: str = "constant"  # constant | cosine (from lr to min_lr_ratio * lr at total_steps)
     warmup_steps: int = 0  # linear warmup of the learning rate over this many steps
@@ -235,7 +241,7 @@ class Recipe:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.tiny.arch": ("qwen2", "llama"),
-    "rollout.update_mode": ("interrupt", "drain"),
+    "rollout.update_mode": ("interrupt", "recompute", "drain"),
     "rollout.weight_transport": ("auto", "shm", "gloo", "nccl", "ipc"),
     "model.dtype": ("float32", "bfloat16"),
     "resources.device": ("auto", "cpu", "cuda"),
@@ -368,8 +374,8 @@ def validate(recipe: Recipe) -> None:
 
 def _validate_trainer(recipe: Recipe) -> None:
     """Ranges of the trainer and algorithm keys."""
-    non_negative = ["trainer.micro_batch_tokens", "trainer.micro_batch_size", "trainer.warmup_steps",
-                    "trainer.checkpoint_every", "trainer.keep_checkpoints", "algorithm.kl_reward_coef",
+    non_negative = ["trainer.micro_batch_tokens", "trainer.micro_batch_size", "trainer.pad_multiple",
+                    "trainer.warmup_steps", "trainer.checkpoint_every", "trainer.keep_checkpoints", "algorithm.kl_reward_coef",
                     "algorithm.entropy_coef", "algorithm.value_clip", "trainer.min_lr_ratio"]
     for key in non_negative:
         if _get(recipe, key) < 0:

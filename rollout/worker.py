@@ -73,6 +73,7 @@ class RolloutWorker:
         self.inflight = 0
         self.tokens_out = 0
         self.samples_out = 0
+        self.cached_tokens = 0  # prompt tokens served from vLLM's prefix cache (multi-turn, shared prompts)
         self.update_lock = asyncio.Lock()
         self.pending: list[tuple[int, dict[str, Any], asyncio.Future]] = []
         self.healthy, self.last_error = True, ""
@@ -141,7 +142,7 @@ class RolloutWorker:
         ids: list[int] = []
         logprobs: list[float] = []
         versions: list[int] = []
-        text, finish, final = "", "", None
+        text, finish, final, cached = "", "", None, 0
         async for out in self.engine.generate({"prompt_token_ids": context}, self._sampling_params(seed, max_tokens),
                                               request_id=f"{tag}-{uuid.uuid4().hex[:8]}"):
             comp = out.outputs[0]
@@ -151,7 +152,9 @@ class RolloutWorker:
             versions += [self.version] * len(new)
             text += comp.text if self.cfg.detokenize else ""
             finish, final = comp.finish_reason or finish, comp
+            cached = getattr(out, "num_cached_tokens", 0) or 0
         assert final is not None
+        self.cached_tokens += cached
         if self.native_versions:  # FINAL_ONLY: one output holding everything, with the engine's spans
             versions = _token_versions(final, len(ids), start_version)
         return TurnOutput(ids, logprobs, versions, text, finish)
@@ -285,14 +288,16 @@ class RolloutWorker:
         return {"rank": self.rank, "members": res}
 
     async def update_weights(self, handle: WeightHandle) -> dict[str, Any]:
-        """Pause between engine steps (update_mode interrupt: in-flight requests continue on the new weights;
-        drain: they finish first), receive and load, resume. On a streaming channel the trainer sends at
-        the same time and the version arrives in band. A probe moves the bytes and loads nothing."""
+        """Pause between engine steps, receive and load, resume (`rollout.update_mode`: interrupt keeps
+        in-flight requests and every cached KV; recompute keeps the requests but drops the KV, so they
+        re-prefill on the new weights; drain lets them finish, then drops the caches). On a streaming
+        channel the trainer sends at the same time and the version arrives in band. A probe moves the
+        bytes and loads nothing."""
         async with self.update_lock:
             t0 = time.perf_counter()
             if not handle.probe:
-                mode = "keep" if self.cfg.update_mode == "interrupt" else "wait"
-                await self.engine.pause_generation(mode=mode, clear_cache=False)
+                mode = "wait" if self.cfg.update_mode == "drain" else "keep"
+                await self.engine.pause_generation(mode=mode, clear_cache=self.cfg.update_mode != "interrupt")
                 if "weights" in self.asleep:  # colocated: weights must be resident to load into
                     await self.wake_up(["weights"])
             try:
@@ -347,7 +352,7 @@ class RolloutWorker:
 
     async def stats(self) -> dict[str, Any]:
         return {"rank": self.rank, "version": self.version, "inflight": self.inflight,
-                "tokens_out": self.tokens_out, "samples_out": self.samples_out}
+                "tokens_out": self.tokens_out, "samples_out": self.samples_out, "cached_tokens": self.cached_tokens}
 
     async def shutdown(self) -> None:
         if self.engine is not None:

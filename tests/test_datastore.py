@@ -153,6 +153,18 @@ def test_payload_types_round_trip(store, p):
     store.put(p, [2], pa.table({"x": pa.array([[7]], pa.list_(pa.int64()))}))  # an Arrow table works too
 
 
+def test_empty_lists_take_the_field_type(store, p):
+    """A put whose list values are all empty (Arrow infers list<null>: a rollout whose prompt filled the
+    context) is stored, before or after the field's type is known, and reads back with that type."""
+    store.put(p, [0, 1], {"x": [[], []]})  # same unit count as rows: both units see list<null> first
+    store.put(p, [2, 3], {"x": [[5, 6], [7]]})
+    store.put(p, [4], {"x": [[]]})
+    got = store.get("c", p, ["x"], 5, timeout=5)
+    assert got.schema.field("x").type == pa.list_(pa.int64())
+    assert dict(zip(got.column("index").to_pylist(), got.column("x").to_pylist())) == {
+        0: [], 1: [], 2: [5, 6], 3: [7], 4: []}
+
+
 def test_rows_done_by_every_required_consumer_are_evicted(store, p):
     n = 10
     store.put(p, list(range(n)), {"x": list(range(n)), "y": ["v" * 1000] * n, "version": [0] * n})

@@ -158,6 +158,59 @@ def test_drain_update_lets_in_flight_requests_finish_on_the_old_weights(engines)
     print(f"drain: {len(old)}/128 requests finished on version 0 first; update took {upd['seconds']:.3f} s")
 
 
+def test_update_modes_and_the_prefix_cache(engines):
+    """Prefix caching is on (the engines run a multi-turn hook). interrupt keeps cached KV across an update
+    (a repeated prompt still hits); recompute and drain drop it, so the first request after the update
+    prefills on the new weights; in recompute mode requests in flight at the update are re-prefilled and
+    still finish whole."""
+    from rl.transport import ShmFileSender
+
+    store, ws, path = engines
+    tok = load_tokenizer(path)
+    w = ws[1]
+    prompt = "abc " * 33  # ~133 tokens: one full KV block (128 on CPU) and room for new tokens in max_model_len 160
+    state = load_causal_lm(path).state_dict()
+    sender = ShmFileSender("test-prefix")
+
+    def cached() -> int:
+        return ray.get(w.stats.remote(), timeout=30)["cached_tokens"]
+
+    def one(group: int) -> int:
+        before = cached()
+        ray.get(w.generate_group.remote(requests(tok, 1, 1, start=group, prompt=prompt)[0]), timeout=120)
+        return cached() - before
+
+    def update(mode: str) -> None:
+        ray.get(w.__ray_call__.remote(lambda x: setattr(x.cfg, "update_mode", mode)), timeout=30)
+        version = ray.get(w.stats.remote(), timeout=30)["version"] + 1
+        ray.get(w.update_weights.remote(sender.send(state.items(), version=version)), timeout=120)
+
+    try:
+        one(500)
+        assert one(501) > 0, "a repeated prompt should hit the prefix cache"
+        update("interrupt")
+        hits_interrupt = one(502)
+        update("recompute")
+        hits_recompute = one(503)
+        assert one(504) > 0  # cached again, now on the new weights
+        update("drain")
+        hits_drain = one(505)
+        refs = [w.generate_group.remote(r) for r in requests(tok, 16, 4, start=510, prompt="plain ")]
+        wait_in_flight(w, 64)
+        update("recompute")  # preempts the requests in flight: they re-prefill on the new weights
+        res = ray.get(refs, timeout=120)
+    finally:
+        ray.get(w.__ray_call__.remote(lambda x: setattr(x.cfg, "update_mode", "interrupt")), timeout=30)
+        sender.close()
+    assert hits_interrupt > 0, "interrupt mode keeps the prefix cache across an update"
+    assert hits_recompute == 0 and hits_drain == 0, (hits_recompute, hits_drain)
+    assert all(sorted(r["done"]) == [0, 1, 2, 3] for r in res)
+    rows = [r for r in store.get("prefix-check", "p", ["group", "response_ids", "logprobs", "token_versions"], 10_000,
+                                 min_n=1, timeout=60).to_pylist() if 510 <= r["group"] < 526]
+    assert len(rows) == 64
+    assert all(len(r["response_ids"]) == len(r["logprobs"]) == len(r["token_versions"]) == 40 for r in rows)
+
+
 def test_killed_engine_requests_finish_elsewhere(engines):
     store, ws, path = engines
     tok = load_tokenizer(path)

@@ -143,6 +143,30 @@ def test_logprobs_and_entropy_match_their_definitions():
     assert ent.requires_grad and torch.allclose(ent, want_ent, atol=1e-6)
 
 
+def test_pad_multiple_rounds_lengths_and_leaves_logprobs_alone(tiny_model):
+    """trainer.pad_multiple: the planner budgets rounded lengths, collate pads rows (or the packed row) to
+    the multiple, and the logprobs of every response token are what they are without it."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.batching import padded_tokens, plan_micro_batches
+    from trainer.model import response_logits, token_logprobs
+
+    assert plan_micro_batches([10, 9, 5], token_budget=32, multiple=16) == [[0, 1], [2]]  # 2 x 16 fits, 3 x 16 not
+    assert plan_micro_batches([10, 9, 5], token_budget=32) == [[0, 1, 2]]
+    assert padded_tokens([10, 9, 5], [[0, 1], [2]], packed=False, multiple=16) == 48
+    assert plan_micro_batches([10, 9, 5], token_budget=16, packed=True, multiple=8) == [[0, 2], [1]]
+    assert padded_tokens([10, 9, 5], [[0, 2], [1]], packed=True, multiple=8) == 16 + 16
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    s = [sample([1, 20, 14, 22, 16], [30, 2]), sample([1, 21, 14], [23, 24, 25, 2]), sample([1, 19], [2])]
+    with torch.no_grad():
+        for packed in (False, True):
+            base, padded = collate(s, [0, 1, 2], packed=packed), collate(s, [0, 1, 2], packed=packed, multiple=16)
+            assert padded.input_ids.shape[1] == (32 if packed else 16) > base.input_ids.shape[1]  # 17 packed, 7 rows
+            want = token_logprobs(response_logits(model, base), base.targets) * base.mask
+            got = token_logprobs(response_logits(model, padded), padded.targets) * padded.mask
+            assert torch.allclose(want, got, atol=1e-5)
+
+
 def test_lr_schedule_warmup_then_cosine():
     f = lr_lambda(TrainerConfig(lr_schedule="cosine", warmup_steps=2, total_steps=12, min_lr_ratio=0.1))
     assert [f(0), f(1)] == [0.5, 1.0]

@@ -67,15 +67,20 @@ def pad_stack(rows: Sequence[torch.Tensor], width: Optional[int] = None, value: 
 
 # ---------------------------------------------------------------- planning
 
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple if multiple > 1 else n
+
+
 def plan_micro_batches(lengths: Sequence[int], token_budget: int = 0, max_samples: int = 0,
-                       packed: bool = False) -> list[list[int]]:
+                       packed: bool = False, multiple: int = 1) -> list[list[int]]:
     """Indexes of the samples of each micro-batch, longest samples first.
 
     padded: a micro-batch costs rows x its longest length; sorted by length, each bin takes samples while
     that product stays within the budget (so it pads only up to the bin's own longest).
     packed: a micro-batch costs the sum of its lengths; first-fit decreasing.
-    A sample longer than the budget trains alone. `max_samples` caps rows per micro-batch. With neither a
-    budget nor a cap, everything is one micro-batch.
+    Lengths count rounded up to `multiple` (the padded length `collate` gives the row). A sample longer
+    than the budget trains alone. `max_samples` caps rows per micro-batch. With neither a budget nor a
+    cap, everything is one micro-batch.
     """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     if not order:
@@ -87,7 +92,7 @@ def plan_micro_batches(lengths: Sequence[int], token_budget: int = 0, max_sample
         used: list[int] = []
         for i in order:
             for b, content in enumerate(bins):
-                if used[b] + lengths[i] <= budget and len(content) < cap:
+                if round_up(used[b] + lengths[i], multiple) <= budget and len(content) < cap:
                     content.append(i)
                     used[b] += lengths[i]
                     break
@@ -98,7 +103,7 @@ def plan_micro_batches(lengths: Sequence[int], token_budget: int = 0, max_sample
     bins = [[order[0]]]
     for i in order[1:]:
         cur = bins[-1]
-        longest = lengths[cur[0]]
+        longest = round_up(lengths[cur[0]], multiple)
         if len(cur) < cap and (len(cur) + 1) * longest <= budget:
             cur.append(i)
         else:
@@ -117,11 +122,11 @@ def split_mini_batches(n: int, k: int) -> list[list[int]]:
     return out
 
 
-def padded_tokens(lengths: Sequence[int], plan: list[list[int]], packed: bool) -> int:
+def padded_tokens(lengths: Sequence[int], plan: list[list[int]], packed: bool, multiple: int = 1) -> int:
     """Token positions the plan computes on (real tokens plus padding)."""
     if packed:
-        return sum(lengths[i] for b in plan for i in b)
-    return sum(len(b) * max(lengths[i] for i in b) for b in plan if b)
+        return sum(round_up(sum(lengths[i] for i in b), multiple) for b in plan if b)
+    return sum(len(b) * round_up(max(lengths[i] for i in b), multiple) for b in plan if b)
 
 
 # ---------------------------------------------------------------- tensors
@@ -160,8 +165,11 @@ class MicroBatch:
         return pad_stack([per_sample[i] for i in self.index], self.width).to(self.mask.device)
 
 
-def collate(samples: Sequence[Sample], index: Sequence[int], packed: bool = False, pad_id: int = 0) -> MicroBatch:
-    """Tensors for the samples `index` of `samples` (empty index: the dummy micro-batch)."""
+def collate(samples: Sequence[Sample], index: Sequence[int], packed: bool = False, pad_id: int = 0,
+            multiple: int = 1) -> MicroBatch:
+    """Tensors for the samples `index` of `samples` (empty index: the dummy micro-batch). The sequence
+    length is rounded up to `multiple` (packed: the tail is a run of padding with its own positions), so
+    micro-batch shapes repeat from step to step and per-shape kernel plans are reused."""
     chosen = [samples[i] for i in index]
     if not chosen:
         ids = torch.full((1, 2), pad_id, dtype=torch.long)
@@ -175,11 +183,12 @@ def collate(samples: Sequence[Sample], index: Sequence[int], packed: bool = Fals
     mask = torch.zeros((len(chosen), width))
     if packed:
         total = sum(s.length for s in chosen)
-        ids = torch.full((1, total), pad_id, dtype=torch.long)
-        pos_ids = torch.zeros((1, total), dtype=torch.long)
+        ids = torch.full((1, round_up(total, multiple)), pad_id, dtype=torch.long)
+        pos_ids = torch.zeros((1, ids.shape[1]), dtype=torch.long)
+        pos_ids[0, total:] = torch.arange(ids.shape[1] - total)
         attn = None
     else:
-        longest = max(s.length for s in chosen)
+        longest = round_up(max(s.length for s in chosen), multiple)
         ids = torch.full((len(chosen), longest), pad_id, dtype=torch.long)
         attn = torch.zeros_like(ids)
         pos_ids = None

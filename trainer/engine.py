@@ -77,6 +77,7 @@ class PolicyTrainer:
                                               a.kl_estimator, a.entropy_coef)
         self.adv_cfg = algorithms.AdvantageConfig(a.std_normalize, a.gamma, a.gae_lambda, a.gae_whiten)
         self.version = 0
+        self.multiple = t.pad_multiple or (64 if device.type == "cuda" else 1)
 
     # ------------------------------------------------------------------ collectives
     def _allsum(self, t: torch.Tensor) -> torch.Tensor:
@@ -88,14 +89,14 @@ class PolicyTrainer:
         """This rank's micro-batches of `indexes`, padded with empty ones to the count of the busiest rank."""
         t = self.recipe.trainer
         local = plan_micro_batches([samples[i].length for i in indexes], t.micro_batch_tokens, t.micro_batch_size,
-                                   t.packing)
+                                   t.packing, self.multiple)
         local = [[indexes[j] for j in b] for b in local]
         count = torch.tensor([len(local)], device=self.device)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
         return local + [[] for _ in range(int(count.item()) - len(local))]
 
     def _collate(self, samples: list[Sample], index: list[int]) -> MicroBatch:
-        return collate(samples, index, self.recipe.trainer.packing, self.pad_id).to(self.device)
+        return collate(samples, index, self.recipe.trainer.packing, self.pad_id, self.multiple).to(self.device)
 
     # ------------------------------------------------------------------ the step
     def train(self, samples: list[Sample], step: int) -> dict[str, float]:
@@ -177,7 +178,7 @@ class PolicyTrainer:
         behaviour = [s.behaviour for s in samples]
         plan = self._plan(samples, part)
         sums.add(micro_batches=len(plan), real_tokens=sum(samples[i].length for i in part),
-                 computed_tokens=padded_tokens([s.length for s in samples], plan, t.packing))
+                 computed_tokens=padded_tokens([s.length for s in samples], plan, t.packing, self.multiple))
         self.optim.zero_grad(set_to_none=True)
         if self.critic_optim is not None:
             self.critic_optim.zero_grad(set_to_none=True)

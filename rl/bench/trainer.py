@@ -10,7 +10,10 @@ that drift of a noisy machine hits both alike:
             exactly the plain loop's micro-batches, so the ratio to plain is streamrl's own overhead.
   plain     a hand-written loop: fully_shard per decoder layer + root with the same MixedPrecisionPolicy,
             AdamW, fixed-size micro-batches (of the samples sorted by length, the layout that pads least)
-            padded to their longest sample, cross-entropy on the response tokens, grad clipping.
+            padded to their longest sample rounded up to the same multiple streamrl uses (`--pad-multiple`:
+            without it every new micro-batch shape costs cuDNN attention a new plan, ~2 ms of host time per
+            call on an H200, and the baseline would be slowed by that rather than by its own work),
+            cross-entropy on the response tokens, grad clipping.
 
 Figures: tokens/s (prompt + response tokens, no padding; the median over timed steps), the ratio (the median
 over batches of plain's time / streamrl's time on the same batch, run back to back) and MFU = 6 * matmul params * tokens / time / peak
@@ -59,6 +62,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plain-micro-batch", type=int, default=None, help="plain loop's samples per micro-batch "
                    "(default 8 CPU, 6 CUDA)")
     p.add_argument("--packing", action="store_true", help="streamrl packs each micro-batch into one row")
+    p.add_argument("--pad-multiple", type=int, default=0, help="every system rounds a micro-batch's length up to "
+                   "a multiple of this (trainer.pad_multiple; 0: its auto value, 64 on CUDA, 1 on CPU)")
     p.add_argument("--compute-dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--rounds", type=int, default=4, help="timed rounds (each: --steps batches, every system on each)")
@@ -83,6 +88,7 @@ def _defaults(args: argparse.Namespace, device: str) -> argparse.Namespace:
     args.prompt_len = args.prompt_len or ("64:256" if gpu else "8:24")
     args.response_len = args.response_len or ("128:1024" if gpu else "8:40")
     args.plain_micro_batch = args.plain_micro_batch or (6 if gpu else 8)
+    args.multiple = args.pad_multiple or (64 if gpu else 1)  # trainer.pad_multiple's auto value
     longest = int(args.prompt_len.split(":")[1]) + int(args.response_len.split(":")[1])
     args.micro_batch_tokens = args.micro_batch_tokens or args.plain_micro_batch * longest
     return args
@@ -140,7 +146,7 @@ class PlainStep:
         self.optim = torch.optim.AdamW(self.model.parameters(), lr=recipe.trainer.lr)
         self.device, self.recipe = device, recipe
 
-    def step(self, samples: list, micro: int) -> float:
+    def step(self, samples: list, micro: int, multiple: int = 1) -> float:
         """One step; returns the share of computed token positions that were padding (over all ranks)."""
         import torch
         import torch.distributed as dist
@@ -154,7 +160,7 @@ class PlainStep:
         dist.all_reduce(n_tok)
         for start in range(0, len(samples), micro):
             chunk = samples[start : start + micro]
-            width = max(s.length for s in chunk)
+            width = -(-max(s.length for s in chunk) // multiple) * multiple
             computed += width * len(chunk)
             ids = torch.zeros((len(chunk), width), dtype=torch.long)
             attn = torch.zeros_like(ids)
@@ -212,7 +218,7 @@ def _measure(systems: dict[str, Any], args: argparse.Namespace, vocab: int, rank
         dist.barrier()
         t0 = time.perf_counter()
         if name == "plain":
-            pad[name].append(systems[name].step(batch, args.plain_micro_batch))
+            pad[name].append(systems[name].step(batch, args.plain_micro_batch, args.multiple))
         else:
             m = systems[name].train(batch, step)
             pad[name].append(m["trainer/pad_fraction"])
@@ -264,7 +270,7 @@ def _profile(systems: dict[str, Any], args: argparse.Namespace, vocab: int, rank
         with profile(activities=activities, record_shapes=False) as prof:
             t0 = time.perf_counter()
             if name == "plain":
-                system.step(batch, args.plain_micro_batch)
+                system.step(batch, args.plain_micro_batch, args.multiple)
             else:
                 system.train(batch, 10_000)
             if cuda:
@@ -285,7 +291,8 @@ def _recipe(args: argparse.Namespace, *extra: str):
     return load_recipe(None, [
         f"trainer.world_size={args.world_size}", f"trainer.compute_dtype={args.compute_dtype}",
         f"trainer.activation_checkpointing={str(args.activation_checkpointing).lower()}",
-        f"trainer.batch_groups={args.world_size}", "rollout.group_size=1", "trainer.lr=1e-5", *extra])
+        f"trainer.batch_groups={args.world_size}", "rollout.group_size=1", "trainer.lr=1e-5",
+        f"trainer.pad_multiple={args.multiple}", *extra])
 
 
 def _rank_main(rank: int, args: argparse.Namespace, device_kind: str, port: int, out_q) -> None:
@@ -378,6 +385,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "samples_per_rank": args.samples, "prompt_len": args.prompt_len, "response_len": args.response_len,
         "tokens_per_step": statistics.median(tok for tok, _ in steps["streamrl"]),
         "micro_batch_tokens": args.micro_batch_tokens, "plain_micro_batch": args.plain_micro_batch,
+        "pad_multiple": args.multiple,
         "streamrl_micro_batches": r["micro_batches"], "packing": args.packing,
         "activation_checkpointing": args.activation_checkpointing, "peak_flops": r["peak"],
         "peak_source": r["peak_source"], "measured_matmul_flops": r["measured_peak"],

@@ -102,9 +102,9 @@ def response_logits(model: torch.nn.Module, mb: MicroBatch, temperature: float =
     """(n, R, V) float32 logits at the positions that predict each response token, scaled like the sampler.
 
     The LM head runs on those positions only: a forward pre-hook on the output embedding picks their hidden
-    states (n * R rows of width H) before the head sees them. Prompt and padding positions never get
-    logits, and no vocabulary-wide tensor is indexed (its backward, an index_add over n * L * V, was what
-    made this step slower than a plain cross-entropy step on GPU; docs/benchmarks.md)."""
+    states (n * R rows of width H) before the head sees them. Prompt and padding positions cost no head
+    matmul and no vocabulary-wide memory, and no vocabulary-wide tensor is indexed (or index_add-ed in
+    backward)."""
     head = model.get_output_embeddings()
     index = mb.positions.reshape(-1)
 

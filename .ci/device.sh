@@ -5,7 +5,7 @@
 #   bash .ci/device.sh install      # after every wheel part was copied to /tmp/parts (vLLM 0.24 + Ray)
 #   bash .ci/device.sh tests        # pytest -m gpu: weight-sync exactness (ipc), trainer on CUDA, e2e colocated
 #   bash .ci/device.sh bench        # rollout, weight-sync (ipc), trainer, Qwen2-0.5B shape
-#   bash .ci/device.sh rollout|wsync|trainer|ipc-test   # one of them alone (trainer also writes profiles)
+#   bash .ci/device.sh rollout|wsync|trainer|ipc-test|update-modes   # one alone (trainer also writes profiles)
 #
 # Each step's output goes to $OUT/<step>.log and its JSON to $OUT/<step>.json; a step that fails or runs
 # past its limit is reported and the next one still runs.
@@ -56,6 +56,9 @@ case "${1:-}" in
   rollout)
     bench_rollout "${2:-400}"
     ;;
+  update-modes)
+    step gpu_update_modes "${2:-300}" python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_rollout.py -k update_modes
+    ;;
   ipc-test)
     step gpu_ipc_test "${2:-300}" python3 -m pytest -q -s -p no:cacheprovider "tests/test_weight_sync.py::test_gpu_sync_is_exact[ipc-M1-tp1]"
     ;;
@@ -71,5 +74,5 @@ case "${1:-}" in
     bench_trainer "${2:-300}" --rounds 6 --profile "$OUT/trainer_profile"
     ;;
   *)
-    echo "usage: $0 install|tests|bench|rollout|wsync|trainer|ipc-test" >&2; exit 2 ;;
+    echo "usage: $0 install|tests|bench|rollout|wsync|trainer|ipc-test|update-modes" >&2; exit 2 ;;
 esac

@@ -158,19 +158,17 @@ def test_drain_update_lets_in_flight_requests_finish_on_the_old_weights(engines)
     print(f"drain: {len(old)}/128 requests finished on version 0 first; update took {upd['seconds']:.3f} s")
 
 
-def test_update_modes_and_the_prefix_cache(engines):
-    """Prefix caching is on (the engines run a multi-turn hook). interrupt keeps cached KV across an update
+def check_update_modes(store, w, path: str, consumer: str, settle_s: float = 0.15) -> None:
+    """Prefix caching is on (the engine runs a multi-turn hook). interrupt keeps cached KV across an update
     (a repeated prompt still hits); recompute and drain drop it, so the first request after the update
     prefills on the new weights; in recompute mode requests in flight at the update are re-prefilled and
     still finish whole."""
     from rl.transport import ShmFileSender
 
-    store, ws, path = engines
     tok = load_tokenizer(path)
-    w = ws[1]
-    prompt = "abc " * 33  # ~133 tokens: one full KV block (128 on CPU) and room for new tokens in max_model_len 160
+    prompt = "abc " * 33  # ~133 tokens: a full KV block (128 on CPU, 16 on GPU), room for new tokens in 160
     state = load_causal_lm(path).state_dict()
-    sender = ShmFileSender("test-prefix")
+    sender = ShmFileSender(f"test-prefix-{consumer}")
 
     def cached() -> int:
         return ray.get(w.stats.remote(), timeout=30)["cached_tokens"]
@@ -196,7 +194,7 @@ def test_update_modes_and_the_prefix_cache(engines):
         update("drain")
         hits_drain = one(505)
         refs = [w.generate_group.remote(r) for r in requests(tok, 16, 4, start=510, prompt="plain ")]
-        wait_in_flight(w, 64)
+        wait_in_flight(w, 64, settle_s)
         update("recompute")  # preempts the requests in flight: they re-prefill on the new weights
         res = ray.get(refs, timeout=120)
     finally:
@@ -205,10 +203,39 @@ def test_update_modes_and_the_prefix_cache(engines):
     assert hits_interrupt > 0, "interrupt mode keeps the prefix cache across an update"
     assert hits_recompute == 0 and hits_drain == 0, (hits_recompute, hits_drain)
     assert all(sorted(r["done"]) == [0, 1, 2, 3] for r in res)
-    rows = [r for r in store.get("prefix-check", "p", ["group", "response_ids", "logprobs", "token_versions"], 10_000,
+    rows = [r for r in store.get(consumer, "p", ["group", "response_ids", "logprobs", "token_versions"], 10_000,
                                  min_n=1, timeout=60).to_pylist() if 510 <= r["group"] < 526]
     assert len(rows) == 64
     assert all(len(r["response_ids"]) == len(r["logprobs"]) == len(r["token_versions"]) == 40 for r in rows)
+    print(f"update modes: interrupt kept {hits_interrupt} cached prompt tokens; recompute and drain kept none")
+
+
+def test_update_modes_and_the_prefix_cache(engines):
+    store, ws, path = engines
+    check_update_modes(store, ws[1], path, "prefix-check")
+
+
+@pytest.mark.gpu
+def test_update_modes_and_the_prefix_cache_on_gpu(ray_session, tiny_model):
+    """The same on CUDA, where the engine's vLLM is the GPU machine's (0.24 there)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    store = DataStore.create(1, tag_fields=["version"], declared_fields=SAMPLE_FIELDS)
+    cfg = RolloutConfig(max_tokens=40, max_model_len=160, ignore_eos=True, gpu_memory_utilization=0.3,
+                        agent=AgentConfig(fn=f"{TOOL}:calculator", max_turns=3))
+    w = RolloutActor.options(num_gpus=1).remote(0, tiny_model, cfg, store, "p", "float32", "cuda", 0, 300)
+    try:
+        ray.get(w.start.remote(), timeout=400)
+        check_update_modes(store, w, tiny_model, "prefix-check-gpu", settle_s=0.0)  # a GPU decodes 40 tokens fast
+    finally:
+        try:
+            ray.get(w.shutdown.remote(), timeout=30)
+        except Exception:
+            pass
+        ray.kill(w)
+        store.shutdown()
 
 
 def test_killed_engine_requests_finish_elsewhere(engines):

@@ -14,7 +14,7 @@ from rl.config import AgentConfig, RolloutConfig
 from rl.models import load_causal_lm, load_tokenizer
 
 from rollout.router import RolloutRouter
-from rollout.worker import SAMPLE_FIELDS, GroupRequest, RolloutActor
+from rollout.worker import SAMPLE_FIELDS, GroupRequest, RolloutActor, stop_workers
 
 pytestmark = pytest.mark.slow
 
@@ -30,12 +30,7 @@ def engines(ray_session, tiny_model):
     ws = [RolloutActor.remote(i, tiny_model, cfg, store, "p", "float32", "cpu", 0, 120) for i in range(2)]
     ray.get([w.start.remote() for w in ws], timeout=300)
     yield store, ws, tiny_model
-    for w in ws:
-        try:
-            ray.get(w.shutdown.remote(), timeout=30)
-        except Exception:
-            pass
-        ray.kill(w)
+    stop_workers(ws, 30)
     store.shutdown()
 
 
@@ -230,11 +225,7 @@ def test_update_modes_and_the_prefix_cache_on_gpu(ray_session, tiny_model):
         ray.get(w.start.remote(), timeout=400)
         check_update_modes(store, w, tiny_model, "prefix-check-gpu", settle_s=0.0)  # a GPU decodes 40 tokens fast
     finally:
-        try:
-            ray.get(w.shutdown.remote(), timeout=30)
-        except Exception:
-            pass
-        ray.kill(w)
+        stop_workers([w], 30)
         store.shutdown()
 
 

@@ -19,7 +19,7 @@ from datastore.client import DataStore
 from rl.config import load_recipe
 from rl.controller import Controller
 from rl.models import load_tokenizer
-from rollout.worker import SAMPLE_FIELDS, RolloutActor
+from rollout.worker import SAMPLE_FIELDS, RolloutActor, stop_workers
 from trainer.group import TrainerGroup
 
 pytestmark = pytest.mark.slow
@@ -73,12 +73,7 @@ def engines(ray_session, tiny_model, store, tmp_path_factory):
           for i, tp in enumerate(TPS)]
     ray.get([w.start.remote() for w in ws], timeout=400)
     yield ws
-    for w in ws:
-        try:
-            ray.get(w.shutdown.remote(), timeout=60)
-        except Exception:
-            pass
-        ray.kill(w)
+    stop_workers(ws)
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["M1", "M2"])
@@ -167,12 +162,7 @@ def test_gpu_sync_is_exact(transport, m, tp, ray_session, tiny_model, store, tmp
         print(f"GPU {transport} M={m} tp={tp}: max |trainer - engine| logprob = {diff:.2e}")
         assert diff < 2e-3  # float32 on GPU: TF32 / kernel differences, not transfer errors
     finally:
-        for w in workers:
-            try:
-                ray.get(w.shutdown.remote(), timeout=60)
-            except Exception:
-                pass
-            ray.kill(w)
+        stop_workers(workers)
         group.shutdown()
 
 

@@ -27,7 +27,7 @@ import ray
 
 from rl.bench import print_table
 from rl.waits import wait
-from rollout.worker import RolloutActor
+from rollout.worker import RolloutActor, stop_workers
 from trainer.group import TrainerGroup
 from trainer.worker import TrainerActor
 
@@ -203,12 +203,7 @@ def _one_transport(args: argparse.Namespace, model: str, device: str, transport:
         real, probe = asyncio.run(_measure(ctl, args.syncs))
         diff = _logprob_diff(group, workers[0], args.vocab)
     finally:
-        for w in workers:
-            try:
-                ray.get(w.shutdown.remote(), timeout=60)
-            except Exception:
-                pass
-            ray.kill(w)
+        stop_workers(workers)
         group.shutdown()
     gb = real[0]["sync/bytes"] / 1e9
     total, whole_probe = _med(real, "sync/total_s"), _med(probe, "sync/total_s")

@@ -23,6 +23,11 @@ import ray
 from datastore.errors import StoreFull, plain
 from datastore.ledger import IndexSet
 from datastore.log import RowLog
+from datastore.stats import RateMeter
+from rl.waits import await_
+
+INDEX = "index"
+COMPACT_MIN_BYTES = 64 * 1024  # smaller batches are not worth copying when partly evicted
 
 
 def vague(t: pa.DataType) -> bool:
@@ -33,11 +38,6 @@ def vague(t: pa.DataType) -> bool:
     if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
         return vague(t.value_type)
     return False
-from datastore.stats import RateMeter
-from rl.waits import await_
-
-INDEX = "index"
-COMPACT_MIN_BYTES = 64 * 1024  # smaller batches are not worth copying when partly evicted
 
 
 class Shard:

@@ -100,7 +100,7 @@ class RolloutConfig:
     #                                 auto = gloo on CPU, nccl on GPUs, ipc when colocated
     weight_bucket_mb: float = 256.0  # weights travel in buckets of at most this many MiB (a bigger tensor goes alone)
     update_mode: str = "interrupt"  # interrupt: pause between engine steps, load, in-flight requests go on with
-    #                                 the KV cache they have (computed by older weights; so may prefix-cache hits);
+    #                                 the KV cache they have (computed by older weights, as prefix-cache hits may be);
     #                                 recompute: the same, but every cached KV is dropped at the pause and in-flight
     #                                 requests re-prefill on the new weights (AReaL's rule); drain: in-flight
     #                                 requests finish on the old weights, then the caches are dropped and it loads

@@ -149,8 +149,10 @@ def test_pad_multiple_rounds_lengths_and_leaves_logprobs_alone(tiny_model):
     from transformers import AutoModelForCausalLM
 
     from trainer.batching import padded_tokens, plan_micro_batches
-    from trainer.model import response_logits, token_logprobs
+    from trainer.model import pad_multiple, response_logits, token_logprobs
 
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert [pad_multiple(0, cuda), pad_multiple(0, cpu), pad_multiple(8, cpu)] == [64, 1, 8]  # 0: auto
     assert plan_micro_batches([10, 9, 5], token_budget=32, multiple=16) == [[0, 1], [2]]  # 2 x 16 fits, 3 x 16 not
     assert plan_micro_batches([10, 9, 5], token_budget=32) == [[0, 1, 2]]
     assert padded_tokens([10, 9, 5], [[0, 1], [2]], packed=False, multiple=16) == 48

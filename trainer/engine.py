@@ -23,7 +23,8 @@ from rl import algorithms
 from rl.config import Recipe, TrainerConfig
 from trainer.batching import MicroBatch, Sample, collate, pad_stack, padded_tokens, plan_micro_batches, split_mini_batches
 from trainer.critic import build_critic, response_values
-from trainer.model import ModelSource, build_policy, build_reference, logprobs_and_entropy, response_logits, token_logprobs
+from trainer.model import (ModelSource, build_policy, build_reference, logprobs_and_entropy, pad_multiple,
+                           response_logits, token_logprobs)
 
 
 def lr_lambda(cfg: TrainerConfig) -> Callable[[int], float]:
@@ -77,7 +78,7 @@ class PolicyTrainer:
                                               a.kl_estimator, a.entropy_coef)
         self.adv_cfg = algorithms.AdvantageConfig(a.std_normalize, a.gamma, a.gae_lambda, a.gae_whiten)
         self.version = 0
-        self.multiple = t.pad_multiple or (64 if device.type == "cuda" else 1)
+        self.multiple = pad_multiple(t.pad_multiple, device)
 
     # ------------------------------------------------------------------ collectives
     def _allsum(self, t: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,12 @@ def compute_dtype(setting: str, device: torch.device) -> torch.dtype:
     return getattr(torch, setting)
 
 
+def pad_multiple(setting: int, device: torch.device) -> int:
+    """`trainer.pad_multiple`: 0 (auto) is 64 on CUDA, where cuDNN attention builds a plan per input shape,
+    and 1 on CPU, where a new shape costs nothing and padding costs compute."""
+    return setting or (64 if device.type == "cuda" else 1)
+
+
 def mp_policy(cfg: TrainerConfig, device: torch.device):
     from torch.distributed.fsdp import MixedPrecisionPolicy
 

@@ -83,12 +83,16 @@ def _shape(args: argparse.Namespace, device: str) -> dict[str, Any]:
 
 
 def _defaults(args: argparse.Namespace, device: str) -> argparse.Namespace:
+    import torch
+
+    from trainer.model import pad_multiple
+
     gpu = device == "cuda"
     args.samples = args.samples or (64 if gpu else 32)
     args.prompt_len = args.prompt_len or ("64:256" if gpu else "8:24")
     args.response_len = args.response_len or ("128:1024" if gpu else "8:40")
     args.plain_micro_batch = args.plain_micro_batch or (6 if gpu else 8)
-    args.multiple = args.pad_multiple or (64 if gpu else 1)  # trainer.pad_multiple's auto value
+    args.multiple = pad_multiple(args.pad_multiple, torch.device(device))  # as trainer.pad_multiple resolves
     longest = int(args.prompt_len.split(":")[1]) + int(args.response_len.split(":")[1])
     args.micro_batch_tokens = args.micro_batch_tokens or args.plain_micro_batch * longest
     return args

@@ -94,21 +94,21 @@ class RolloutConfig:
     max_num_seqs: int = 256  # vLLM's cap on sequences decoded together
     max_model_len: int = 64
     kv_cache_gib: float = 0.25  # VLLM_CPU_KVCACHE_SPACE on CPU; ignored on GPU
-    gpu_memory_utilization: float = 0.5
+    gpu_memory_utilization: float = 0.5  # share of each GPU the engine holds (weights, KV cache, graphs); with
+    #                                      resources.placement=share the trainer rank has trainer.gpu_memory_fraction beside it
     enforce_eager: bool = True  # skip graph capture / compilation: faster start, right for tiny models
     weight_transport: str = "auto"  # how weights reach the engines (docs/weights.md): auto | shm | gloo | nccl | ipc;
-    #                                 auto = gloo on CPU, nccl on GPUs, ipc when colocated
+    #                                 auto = gloo on CPU, nccl on GPUs, ipc when trainer and engines share GPUs
     weight_bucket_mb: float = 256.0  # weights travel in buckets of at most this many MiB (a bigger tensor goes alone)
-    update_mode: str = "interrupt"  # interrupt: pause between engine steps, load, in-flight requests go on with
-    #                                 the KV cache they have (computed by older weights, as prefix-cache hits may be);
-    #                                 recompute: the same, but every cached KV is dropped at the pause and in-flight
-    #                                 requests re-prefill on the new weights (AReaL's rule); drain: in-flight
-    #                                 requests finish on the old weights, then the caches are dropped and it loads
+    update_mode: str = "interrupt"  # interrupt: in-flight requests are cut between engine steps and continue on the
+    #                                 new weights, reusing the KV cache they have (computed by older weights, as
+    #                                 prefix-cache hits may be); recompute: the same, but every cached KV is dropped
+    #                                 and in-flight requests re-prefill on the new weights (AReaL's rule); drain:
+    #                                 in-flight requests finish on the old weights, then the caches are dropped and it loads
     ignore_eos: bool = False  # generate max_tokens every time (benchmarks)
     seed_requests: bool = False  # a seed per request (reproducible samples; vLLM samples them one by one: slower on GPU)
     detokenize: bool = True  # engine-side detokenization (needed for stop strings and the response text)
-    colocate: bool = False  # algorithm.eta = 0 only: engines sleep while the trainer uses the same devices
-    sleep_level: int = 1  # colocated sleep: 1 drops the KV cache and offloads weights, 2 drops weights too
+    sleep_level: int = 1  # resources.placement=timeshare: 1 drops the KV cache and offloads weights, 2 drops weights too
     agent: AgentConfig = field(default_factory=AgentConfig)
 
 
@@ -129,6 +129,8 @@ class TrainerConfig:
     #                              0 = no budget. Samples are binned by length so a micro-batch pads little
     micro_batch_size: int = 0  # most samples per micro-batch; 0 = no cap (no cap and no budget: one micro-batch)
     packing: bool = False  # a micro-batch is one row of concatenated samples (attention stays within each sample)
+    gpu_memory_fraction: float = 0.0  # resources.placement=share: the most of its GPU a trainer rank may allocate
+    #                                   (enforced by torch); 0 = what the engine leaves: 0.95 - rollout.gpu_memory_utilization
     pad_multiple: int = 0  # a micro-batch's sequence length is rounded up to a multiple of this, so shapes repeat
     #                        across steps and per-shape plans (cuDNN attention) are built once; 0 = auto: 64 on
     #                        CUDA (a new shape cost ~2 ms of host time per attention call there), 1 on CPU
@@ -195,6 +197,12 @@ class DataStoreConfig:
 @dataclass
 class ResourcesConfig:
     device: str = "auto"  # auto | cpu | cuda
+    placement: str = "separate"  # where engines and trainer ranks run (docs/design.md, "Placement"):
+    #   separate: engines and trainer ranks on GPUs of their own (any eta);
+    #   timeshare: each GPU holds a trainer rank and an engine (or a TP shard of one) that take turns: the engine
+    #              sleeps while the trainer steps (algorithm.eta = 0 only; rollout.sleep_level);
+    #   share: each GPU holds a trainer rank and an engine (or a TP shard of one) at once, its memory split by
+    #          rollout.gpu_memory_utilization and trainer.gpu_memory_fraction (any eta: async on one GPU)
     ray_address: Optional[str] = None  # empty starts a local Ray; "auto" joins a running cluster
     num_cpus: Optional[int] = None  # logical CPUs for a local Ray (default: enough for every actor)
     wait_timeout_s: float = 300.0  # every blocking wait (actor calls, store gets, syncs) gives up after this
@@ -245,6 +253,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "rollout.weight_transport": ("auto", "shm", "gloo", "nccl", "ipc"),
     "model.dtype": ("float32", "bfloat16"),
     "resources.device": ("auto", "cpu", "cuda"),
+    "resources.placement": ("separate", "timeshare", "share"),
     "algorithm.loss_agg": ("token-mean", "seq-mean"),
     "algorithm.kl_estimator": ("k1", "k2", "k3"),
     "algorithm.kl_reference": ("behaviour", "initial"),
@@ -270,6 +279,12 @@ def _schema_keys(cls: type, prefix: str = "") -> dict[str, Any]:
 
 SCHEMA_KEYS = _schema_keys(Recipe)
 
+#: keys that were replaced: an old recipe fails with the key to use instead
+RENAMED = {
+    "rollout.colocate": "'resources.placement': timeshare for colocate=true (engines sleep while the trainer "
+                        "steps), separate for false; share keeps both on the GPUs at once, at any eta",
+}
+
 
 def _check_keys(tree: Any, prefix: str, origin: str) -> None:
     """Raise RecipeError on the first key of `tree` that the schema does not declare."""
@@ -277,6 +292,8 @@ def _check_keys(tree: Any, prefix: str, origin: str) -> None:
         return
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
+        if dotted in RENAMED:
+            raise RecipeError(f"Recipe key '{dotted}' (from {origin}) was replaced by {RENAMED[dotted]}")
         if dotted not in SCHEMA_KEYS:
             siblings = sorted(k[len(prefix):] for k in SCHEMA_KEYS if k.startswith(prefix) and "." not in k[len(prefix):])
             close = difflib.get_close_matches(dotted, list(SCHEMA_KEYS), n=1, cutoff=0.6)
@@ -356,13 +373,7 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError(f"Recipe key 'datastore.capacity_rows' = {d.capacity_rows} is below what the staleness budget "
                           f"can hold at once, (algorithm.eta + 2) * trainer.batch_groups * rollout.group_size = {need}: "
                           f"producers could wait for room that only unfinished groups hold")
-    if recipe.rollout.colocate and recipe.algorithm.dynamic_sampling:
-        raise RecipeError("Recipe keys 'rollout.colocate' and 'algorithm.dynamic_sampling' cannot both be on: a dropped "
-                          "group's replacement would have to generate while the engines sleep for training")
-    if recipe.rollout.colocate and recipe.algorithm.eta != 0:
-        raise RecipeError("Recipe key 'rollout.colocate' = true needs 'algorithm.eta' = 0 (time-sharing devices is synchronous)")
-    if recipe.rollout.sleep_level not in (1, 2):
-        raise RecipeError(f"Recipe key 'rollout.sleep_level' must be 1 or 2; got {recipe.rollout.sleep_level}")
+    _validate_placement(recipe)
     _validate_trainer(recipe)
     if recipe.rollout.temperature <= 0:
         raise RecipeError("Recipe key 'rollout.temperature' must be > 0 for RL (sampling, not greedy)")
@@ -370,6 +381,47 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError(f"Recipe key 'rollout.top_p' must be in (0, 1]; got {recipe.rollout.top_p}")
     if ":" not in recipe.reward.fn:
         raise RecipeError(f"Recipe key 'reward.fn' = {recipe.reward.fn!r} must be 'module:function' or 'file.py:function'")
+
+
+def _validate_placement(recipe: Recipe) -> None:
+    """What each placement needs (the memory fit on the real GPUs is checked by rl.placement before start-up)."""
+    r, placement = recipe, recipe.resources.placement
+    if placement == "timeshare" and r.algorithm.dynamic_sampling:
+        raise RecipeError("Recipe keys 'resources.placement' = timeshare and 'algorithm.dynamic_sampling' = true cannot "
+                          "go together: a dropped group's replacement would have to generate while the engines sleep "
+                          "for training (use placement share)")
+    if placement == "timeshare" and r.algorithm.eta != 0:
+        raise RecipeError(f"Recipe key 'resources.placement' = timeshare needs 'algorithm.eta' = 0 (got {r.algorithm.eta}): "
+                          "engines sleep while the trainer steps, so nothing generates ahead; for eta >= 1 on the same "
+                          "GPUs use resources.placement=share")
+    if r.rollout.sleep_level not in (1, 2):
+        raise RecipeError(f"Recipe key 'rollout.sleep_level' must be 1 or 2; got {r.rollout.sleep_level}")
+    if placement != "separate":
+        shards, ranks = r.rollout.num_engines * r.rollout.tensor_parallel_size, r.trainer.world_size
+        if shards != ranks:
+            raise RecipeError(f"Recipe key 'resources.placement' = {placement} puts one trainer rank and one engine "
+                              f"shard on each GPU: rollout.num_engines * rollout.tensor_parallel_size "
+                              f"({r.rollout.num_engines} * {r.rollout.tensor_parallel_size} = {shards}) must equal "
+                              f"trainer.world_size ({ranks})")
+    util, frac = r.rollout.gpu_memory_utilization, r.trainer.gpu_memory_fraction
+    if not 0 < util <= 1:
+        raise RecipeError(f"Recipe key 'rollout.gpu_memory_utilization' must be in (0, 1]; got {util}")
+    if not 0 <= frac <= 1:
+        raise RecipeError(f"Recipe key 'trainer.gpu_memory_fraction' must be in [0, 1] (0 = auto); got {frac}")
+    if placement == "share":
+        total = util + trainer_memory_fraction(recipe)
+        if total > 1.0 + 1e-9 or trainer_memory_fraction(recipe) <= 0.02:
+            raise RecipeError(f"Recipe keys 'rollout.gpu_memory_utilization' ({util}) + 'trainer.gpu_memory_fraction' "
+                              f"({trainer_memory_fraction(recipe):.2f}{' auto' if not frac else ''}) ask for {total:.2f} of "
+                              f"each GPU with resources.placement=share: over by {max(total - 1, 0):.2f}, or nothing "
+                              "left for the trainer; lower one of them")
+
+
+def trainer_memory_fraction(recipe: Recipe) -> float:
+    """The share of its GPU a trainer rank may allocate with resources.placement=share (auto: what the engine
+    leaves, less 5% for the CUDA contexts and the allocators' slack)."""
+    frac = recipe.trainer.gpu_memory_fraction
+    return frac if frac > 0 else round(0.95 - recipe.rollout.gpu_memory_utilization, 4)
 
 
 def _validate_trainer(recipe: Recipe) -> None:

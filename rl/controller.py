@@ -27,13 +27,14 @@ from rl.data import PromptFormatter, PromptStream, row_to_json, synthetic_task
 from rl.schedule import Colocation, Feeder, GroupFilter, SpanCollector
 from rl.metrics import MetricsLogger, learning_summary, read_metrics
 from rl.models import load_tokenizer, resolve_model_path
+from rl.placement import Placement, describe, plan
 from rl.reward_worker import WRITE_FIELDS, RewardActor
 from rl.staleness import StalenessBudget
 from rl.transport import WeightHandle, pick_transport
-from rl.waits import WaitTimeout, await_, reserve, wait
+from rl.waits import WaitTimeout, await_, wait
 from rollout.router import RolloutRouter
 from rollout.worker import SAMPLE_FIELDS, GroupRequest, RolloutActor
-from trainer.group import Placement, TrainerGroup
+from trainer.group import TrainerGroup
 
 log = logging.getLogger(__name__)
 
@@ -62,27 +63,6 @@ def init_ray(r: Recipe) -> None:
              include_dashboard=False, runtime_env={"env_vars": QUIET_ENV}, log_to_driver=True)
 
 
-def placements(r: Recipe, device: str) -> tuple[Placement, Placement]:
-    """Where rollout engines and trainer ranks go. Apart (default): a bundle of `tp` GPUs per engine and
-    one GPU per rank. Colocated: one bundle per GPU, shared by a trainer rank and an engine's worker
-    (each takes half of it as far as Ray counts; vLLM's memory share and sleep do the real split)."""
-    tp, gpu = r.rollout.tensor_parallel_size, device == "cuda"
-    timeout = r.resources.wait_timeout_s
-    if r.rollout.colocate:
-        n = r.trainer.world_size
-        if r.rollout.num_engines * tp != n:
-            raise RecipeError(f"colocated mode shares each GPU between a trainer rank and an engine: "
-                              f"rollout.num_engines * rollout.tensor_parallel_size ({r.rollout.num_engines} * {tp}) "
-                              f"must equal trainer.world_size ({n})")
-        bundle = {"CPU": 2, **({"GPU": 1} if gpu else {})}
-        pg = reserve([bundle] * n, timeout, "colocated trainer ranks and engines")
-        engine_bundles = list(range(0, n, tp))
-        return Placement(pg, engine_bundles, 0.5 * tp if gpu else 0.0), Placement(pg, list(range(n)), 0.5 if gpu else 0.0)
-    bundle = {"CPU": 1, **({"GPU": tp} if gpu else {})}
-    pg = reserve([bundle] * r.rollout.num_engines, timeout, "rollout engines")
-    return Placement(pg, list(range(r.rollout.num_engines)), float(tp) if gpu else 0.0), None
-
-
 def spawn_rollout_workers(r: Recipe, model_path: str, store: DataStore, device: str,
                           where: Placement) -> list[ray.actor.ActorHandle]:
     """One RolloutWorker per engine on its placement bundle."""
@@ -90,7 +70,8 @@ def spawn_rollout_workers(r: Recipe, model_path: str, store: DataStore, device: 
 
     return [RolloutActor.options(num_gpus=where.gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(where.pg, b))
             .remote(i, model_path, r.rollout, store, PARTITION, r.model.dtype, device, r.seed,
-                    r.resources.wait_timeout_s) for i, b in enumerate(where.bundles)]
+                    r.resources.wait_timeout_s, sleep_mode=r.resources.placement == "timeshare",
+                    visible_devices=where.devices_of(i)) for i, b in enumerate(where.bundles)]
 
 
 class Controller:
@@ -136,7 +117,8 @@ class Controller:
         self.store = DataStore.from_config(r.datastore, tag_fields=["version"], timeout_s=self.timeout,
                                            declared_fields=SAMPLE_FIELDS + WRITE_FIELDS + ["accepted"] * r.algorithm.dynamic_sampling,
                                            run_dir=self.run_dir)
-        engines_at, trainer_at = placements(r, self.device)
+        engines_at, trainer_at, found = plan(r, self.device, self.model_path)
+        log.info("placement: %s", describe(found))
         self.engine_pg = engines_at.pg
         self.rollouts = spawn_rollout_workers(r, self.model_path, self.store, self.device, engines_at)
         self.rewarders = [RewardActor.remote(i, r.reward, self.store, PARTITION) for i in range(r.reward.num_workers)]
@@ -196,7 +178,7 @@ class Controller:
         r = self.recipe
         engines = list(range(len(self.rollouts))) if engines is None else engines
         tp = r.rollout.tensor_parallel_size
-        kind = pick_transport(r.rollout.weight_transport, self.device, colocated=r.rollout.colocate)
+        kind = pick_transport(r.rollout.weight_transport, self.device, colocated=r.resources.placement != "separate")
         spec = self.trainer.open_weight_channel(kind, len(engines) * tp)
         whom = {self.trainer.connect_weight_channel_ref(): "trainer rank 0"}
         whom.update({self.rollouts[i].init_weight_channel.remote(spec, 1 + k * tp): f"rollout worker {i}"
@@ -253,7 +235,8 @@ class Controller:
                 "sync/gather_s": handle.meta.get("gather_s", 0.0), "sync/send_s": handle.meta.get("send_s", 0.0),
                 "sync/transfer_s": handle.meta.get("transfer_s", 0.0),
                 "sync/recv_s": max(x["recv_seconds"] for x in res), "sync/load_s": max(x["apply_seconds"] for x in res),
-                "sync/bytes": float(handle.nbytes)}
+                "sync/pause_s": max(x["pause_seconds"] for x in res), "sync/engine_s": max(x["seconds"] for x in res),
+                "sync/cut_requests": float(sum(x["cut_requests"] for x in res)), "sync/bytes": float(handle.nbytes)}
 
     async def run_async(self) -> list[dict[str, Any]]:
         """The loop: train a step on ready groups, push the weights, log. Everything else runs beside it."""
@@ -265,13 +248,19 @@ class Controller:
         try:
             await stages.start()
             for step in range(self.start_step, r.trainer.total_steps):
-                await self.colocation.before_train(self.version)
+                if self.colocation.enabled:  # timeshare: the step's groups finish, then the engines sleep
+                    with metrics.phase("wait_rollout"):
+                        await self.colocation.wait_rollout(self.version)
+                    with metrics.phase("sleep"):
+                        await self.colocation.sleep()
                 with metrics.phase("train", actor="trainer"):
                     m = await self._train_or_fail(step, stages)
                 self._record_trained(step, m)
                 with metrics.phase("sync", actor="trainer"):
                     m.update(await self._sync_weights())
-                await self.colocation.after_sync()
+                if self.colocation.enabled:
+                    with metrics.phase("wake"):
+                        await self.colocation.after_sync()
                 self.version = step + 1
                 self.feeder.wake.set()
                 m.update(await stages.step_metrics(m))
@@ -294,7 +283,7 @@ class Controller:
         self.requeue: list[tuple[int, list[int]]] = []
         if self.resume:
             self._restore_rollout_state()
-        self.colocation = Colocation(r.rollout.colocate, self.rollouts, self.budget, r.rollout.sleep_level, self.timeout)
+        self.colocation = Colocation(r.resources.placement == "timeshare", self.rollouts, self.budget, r.rollout.sleep_level, self.timeout)
         gfilter = None
         if r.algorithm.dynamic_sampling:
             gfilter = GroupFilter(self.store, PARTITION, r.rollout.group_size, self.budget, self.feeder.wake.set,

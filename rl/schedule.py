@@ -3,7 +3,7 @@
 - `Feeder`: draws prompts and starts groups on the rollout router whenever the staleness budget has room.
 - `GroupFilter` (DAPO dynamic sampling): drops groups whose rewards are all equal (no learning signal)
   and gives their slots back, so the feeder draws more prompts and every training batch is full.
-- `Colocation` (eta = 0 on shared devices): engines sleep while the trainer steps, wake for the next rollout.
+- `Colocation` (placement timeshare, eta = 0): engines sleep while the trainer steps, wake for the next rollout.
 - `SpanCollector`: gathers worker activity spans (generating, loading weights, scoring) for the timeline.
 """
 
@@ -135,25 +135,30 @@ class GroupFilter:
 
 
 class Colocation:
-    """eta = 0 with engines and trainer on the same devices: before a train step, wait for the step's
-    groups to finish and put the engines to sleep; after the weight sync, wake them (the sync itself wakes
-    the weights when they were dropped)."""
+    """Placement timeshare (eta = 0, engines and trainer on the same GPUs): before a train step, wait for
+    the step's groups to finish and put the engines to sleep; after the weight sync, wake them (the sync
+    itself wakes the weights when they were dropped)."""
 
     def __init__(self, enabled: bool, workers: list[ray.actor.ActorHandle], budget: StalenessBudget,
                  level: int, timeout_s: float) -> None:
         self.enabled, self.workers, self.budget, self.level, self.timeout = enabled, workers, budget, level, timeout_s
         self.asleep = False
 
-    async def before_train(self, version: int) -> None:
+    async def wait_rollout(self, version: int) -> None:
+        """Until the step's groups have all been started and have finished (with eta = 0 they are all the
+        budget allows)."""
         if not self.enabled:
             return
         t0 = time.monotonic()
-        # with eta = 0 the step's B groups are all the budget allows: wait until all are started and done
         while self.budget.running or self.budget.capacity(version):
             if time.monotonic() - t0 > self.timeout:
-                raise TimeoutError(f"colocated mode: {self.budget.running} groups still generating after "
+                raise TimeoutError(f"placement timeshare: {self.budget.running} groups still generating after "
                                    f"{self.timeout:.0f} s; cannot put the engines to sleep for training")
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.005)
+
+    async def sleep(self) -> None:
+        if not self.enabled:
+            return
         await await_([w.sleep.remote(self.level) for w in self.workers], self.timeout, f"sleep (level {self.level})",
                      "rollout workers")
         self.asleep = True

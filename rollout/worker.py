@@ -2,14 +2,21 @@
 
 Token in, token out: prompts arrive as token ids, samples leave as token ids with the engine's per-token
 logprobs and the policy version of every token. Each sample is written to the data store the moment it
-finishes; there is no batch barrier. A weight update pauses the engine between steps, loads, and resumes:
-unfinished requests keep their tokens and continue on the new weights (AReaL's interruptible rollout),
-and the per-token versions show where the switch happened.
+finishes; there is no batch barrier.
+
+A weight update cuts every in-flight request between two engine steps (vLLM's pause in "abort" mode), loads,
+and resumes; each cut request is resubmitted at once with the tokens it has as part of its context, so it
+continues on the new weights (AReaL's interruptible rollout). The KV cache of those tokens stays in vLLM's
+prefix cache (`update_mode` interrupt), so nothing is computed again but the last partial block. A request
+runs as one or more such segments, and each segment ran on exactly one policy version: the version of every
+token is exact with any vLLM, and the engine returns each request once, when it ends, instead of streaming
+every token through this actor's event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -65,8 +72,13 @@ def engine_env(cfg: RolloutConfig, device: str) -> dict[str, str]:
 
 class RolloutWorker:
     def __init__(self, rank: int, model_path: str, cfg: RolloutConfig, store: DataStore, partition: str,
-                 dtype: str = "float32", device: str = "cpu", seed: int = 0, timeout_s: float = 300.0) -> None:
+                 dtype: str = "float32", device: str = "cpu", seed: int = 0, timeout_s: float = 300.0,
+                 sleep_mode: bool = False, visible_devices: list[str] | None = None) -> None:
+        """`sleep_mode`: the engine sleeps while a trainer uses its GPUs (placement timeshare).
+        `visible_devices`: the GPUs of a tensor-parallel engine that shares them with trainer ranks (Ray gives
+        this actor one; its vLLM workers need all of them)."""
         self.rank, self.model_path, self.cfg, self.store, self.partition = rank, model_path, cfg, store, partition
+        self.sleep_mode, self.visible_devices = sleep_mode, visible_devices
         self.dtype, self.device, self.seed, self.timeout_s = dtype, device, seed, timeout_s
         self.version = 0
         self.engine: Any = None
@@ -74,13 +86,19 @@ class RolloutWorker:
         self.tokens_out = 0
         self.samples_out = 0
         self.cached_tokens = 0  # prompt tokens served from vLLM's prefix cache (multi-turn, shared prompts)
-        self.update_lock = asyncio.Lock()
+        self.update_lock = asyncio.Lock()  # one weight update at a time
+        # Orders request submissions against weight updates: a segment's request reaches the engine wholly
+        # before an update's pause (and is cut by it) or after the new weights are loaded, never in between,
+        # so the version read under the gate is the one that computes every token of the segment.
+        self.gate = asyncio.Lock()
+        self.epoch = 0  # weight updates that cut in-flight requests so far
+        self.active = 0  # segments in the engine now
+        self.resubmitted = 0  # segments continued after a cut
         self.pending: list[tuple[int, dict[str, Any], asyncio.Future]] = []
         self.healthy, self.last_error = True, ""
         self.agent_hook = load_function(cfg.agent.fn, "rollout.agent.fn") if cfg.agent.fn else None
         self.tokenizer: Any = None
-        self.native_versions = False  # the engine labels tokens with weight versions (vLLM >= 0.32)
-        self.asleep: set[str] = set()  # colocated mode: what of the engine is asleep
+        self.asleep: set[str] = set()  # placement timeshare: what of the engine is asleep
         self.flusher: asyncio.Task | None = None
         self.events: list[dict] = []  # (kind, start, end) activity spans for the timeline
         self.busy_since: float | None = None
@@ -88,6 +106,8 @@ class RolloutWorker:
     async def start(self) -> dict[str, Any]:
         """Build the engine; returns how long that took."""
         os.environ.update(engine_env(self.cfg, self.device))
+        if self.visible_devices:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(self.visible_devices)
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -103,19 +123,16 @@ class RolloutWorker:
             gpu_memory_utilization=self.cfg.gpu_memory_utilization,
             worker_extension_cls="rollout.engine_ext.StreamRLWorkerExtension",
             logprobs_mode="processed_logprobs",
-            enable_prefix_caching=self.cfg.agent.fn is not None,  # multi-turn contexts share prefixes
+            enable_prefix_caching=True,  # a request cut by a weight update continues from its cached KV
             distributed_executor_backend="mp" if self.cfg.tensor_parallel_size > 1 else None,
             disable_log_stats=True,
-            enable_sleep_mode=self.cfg.colocate and self.device == "cuda",  # sleep/wake needs vLLM's allocator
+            enable_sleep_mode=self.sleep_mode and self.device == "cuda",  # sleep/wake needs vLLM's allocator
         )
         self.engine = AsyncLLM.from_engine_args(args)
         if self.tokenizer is None:
             from transformers import AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.native_versions = hasattr(self.engine, "update_weight_version") and not os.environ.get("STREAMRL_NO_NATIVE_VERSIONS")
-        if self.native_versions:
-            await self.engine.update_weight_version(str(self.version))
         await self._turn([self.tokenizer.bos_token_id or 0], 1, 0, "warmup")  # first request pays one-off costs
         return {"rank": self.rank, "start_seconds": time.perf_counter() - t0, "pid": os.getpid()}
 
@@ -124,40 +141,59 @@ class RolloutWorker:
         from vllm.sampling_params import RequestOutputKind
 
         c = self.cfg
-        kind = RequestOutputKind.FINAL_ONLY if self.native_versions else RequestOutputKind.DELTA
         return SamplingParams(
             n=1, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k if c.top_k > 0 else 0,
             max_tokens=max_tokens, stop=list(c.stop) or None, logprobs=0, seed=seed if c.seed_requests else None,
-            output_kind=kind, skip_special_tokens=True, detokenize=c.detokenize,
+            output_kind=RequestOutputKind.FINAL_ONLY, skip_special_tokens=True, detokenize=c.detokenize,
             include_stop_str_in_output=True, ignore_eos=c.ignore_eos,
         )
 
     async def _turn(self, context: list[int], max_tokens: int, seed: int, tag: str) -> TurnOutput:
-        """One engine request: token ids in, token ids + logprobs + per-token versions out.
-
-        Per-token versions come from the engine's weight-version spans where vLLM has them (0.32+: exact to
-        the engine step); otherwise the request streams and each token takes the version the worker had
-        loaded when the token arrived (a token sampled just before a pause can be labelled one newer)."""
-        start_version = self.version
+        """One model turn: token ids in, token ids + logprobs + per-token versions out. A weight update cuts
+        it into segments (see the module docstring); each segment's tokens carry the version it ran on."""
         ids: list[int] = []
         logprobs: list[float] = []
         versions: list[int] = []
-        text, finish, final, cached = "", "", None, 0
-        async for out in self.engine.generate({"prompt_token_ids": context}, self._sampling_params(seed, max_tokens),
-                                              request_id=f"{tag}-{uuid.uuid4().hex[:8]}"):
-            comp = out.outputs[0]
+        text, finish, k = "", "", 0
+        while True:
+            comp, version, cut = await self._segment(context + ids, max_tokens - len(ids), seed + 104_729 * k,
+                                                     f"{tag}-k{k}")
             new = list(comp.token_ids)
             ids += new
             logprobs += [float(step[tok].logprob) for tok, step in zip(new, comp.logprobs or [])]
-            versions += [self.version] * len(new)
+            versions += [version] * len(new)
             text += comp.text if self.cfg.detokenize else ""
-            finish, final = comp.finish_reason or finish, comp
-            cached = getattr(out, "num_cached_tokens", 0) or 0
-        assert final is not None
-        self.cached_tokens += cached
-        if self.native_versions:  # FINAL_ONLY: one output holding everything, with the engine's spans
-            versions = _token_versions(final, len(ids), start_version)
+            finish = comp.finish_reason or ""
+            if not cut or len(ids) >= max_tokens:
+                break
+            k += 1
+            self.resubmitted += 1
+        if k and self.cfg.detokenize:  # one decode of the whole turn (a character may span a cut)
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if len(ids) >= max_tokens and finish == "abort":
+            finish = "length"
         return TurnOutput(ids, logprobs, versions, text, finish)
+
+    async def _segment(self, context: list[int], max_tokens: int, seed: int, tag: str) -> tuple[Any, int, bool]:
+        """Run one request until it ends or a weight update cuts it. Returns its completion, the policy
+        version it ran on, and whether an update cut it (then the caller continues it)."""
+        async with self.gate:  # never between an update's pause and its load (see __init__)
+            version, epoch = self.version, self.epoch
+            queue = await self.engine.add_request(f"{tag}-{uuid.uuid4().hex[:8]}", {"prompt_token_ids": context},
+                                                  self._sampling_params(seed, max_tokens))
+        self.active += 1
+        try:
+            out = queue.get_nowait() or await queue.get()
+            while not out.finished:
+                out = queue.get_nowait() or await queue.get()
+        except asyncio.CancelledError:
+            await self.engine.abort(queue.request_id, internal=True)
+            raise
+        finally:
+            self.active -= 1
+        self.cached_tokens += getattr(out, "num_cached_tokens", 0) or 0
+        comp = out.outputs[0]
+        return comp, version, comp.finish_reason == "abort" and self.epoch > epoch
 
     async def _one(self, req: GroupRequest, j: int) -> dict[str, Any]:
         index = req.group * req.n + j
@@ -288,38 +324,45 @@ class RolloutWorker:
         return {"rank": self.rank, "members": res}
 
     async def update_weights(self, handle: WeightHandle) -> dict[str, Any]:
-        """Pause between engine steps, receive and load, resume (`rollout.update_mode`: interrupt keeps
-        in-flight requests and every cached KV; recompute keeps the requests but drops the KV, so they
-        re-prefill on the new weights; drain lets them finish, then drops the caches). On a streaming
-        channel the trainer sends at the same time and the version arrives in band. A probe moves the
-        bytes and loads nothing."""
+        """Cut in-flight requests between engine steps, receive and load, resume (`rollout.update_mode`:
+        interrupt and recompute cut every request and resubmit it with its tokens so far, interrupt reusing
+        the cached KV and recompute dropping every cache first; drain lets in-flight requests finish on the
+        old weights, then drops the caches). No request is submitted while this runs (`self.gate`). On a
+        streaming channel the trainer sends at the same time and the version arrives in band. A probe moves
+        the bytes and loads nothing."""
         async with self.update_lock:
             t0 = time.perf_counter()
-            if not handle.probe:
-                mode = "wait" if self.cfg.update_mode == "drain" else "keep"
-                await self.engine.pause_generation(mode=mode, clear_cache=self.cfg.update_mode != "interrupt")
-                if "weights" in self.asleep:  # colocated: weights must be resident to load into
-                    await self.wake_up(["weights"])
-            try:
-                res = await await_(self.engine.collective_rpc("streamrl_load_weights", args=(asdict(handle),)),
-                                   self.timeout_s, f"weight load ({handle.kind}, version "
-                                   f"{handle.version if handle.version >= 0 else 'from the trainer'})",
-                                   f"rollout worker {self.rank}'s vLLM engine")
-                versions = {r["version"] for r in res}
-                if len(versions) != 1:
-                    raise RuntimeError(f"rollout worker {self.rank}: its workers loaded different versions {versions}")
-                version = versions.pop()
+            cut, t_pause = self.active, 0.0
+            async with contextlib.AsyncExitStack() as stack:
                 if not handle.probe:
-                    if self.native_versions:
-                        await self.engine.update_weight_version(str(version))
-                    self.version = version
-            finally:
-                if not handle.probe:
-                    await self.engine.resume_generation()
+                    await stack.enter_async_context(self.gate)
+                    drain = self.cfg.update_mode == "drain"
+                    if not drain:
+                        self.epoch += 1  # segments started before this point and cut by it are continued
+                    await self.engine.pause_generation(mode="wait" if drain else "abort",
+                                                       clear_cache=self.cfg.update_mode != "interrupt")
+                    t_pause = time.perf_counter() - t0
+                    if "weights" in self.asleep:  # timeshare: weights must be resident to load into
+                        await self.wake_up(["weights"])
+                try:
+                    res = await await_(self.engine.collective_rpc("streamrl_load_weights", args=(asdict(handle),)),
+                                       self.timeout_s, f"weight load ({handle.kind}, version "
+                                       f"{handle.version if handle.version >= 0 else 'from the trainer'})",
+                                       f"rollout worker {self.rank}'s vLLM engine")
+                    versions = {r["version"] for r in res}
+                    if len(versions) != 1:
+                        raise RuntimeError(f"rollout worker {self.rank}: its workers loaded different versions {versions}")
+                    version = versions.pop()
+                    if not handle.probe:
+                        self.version = version
+                finally:
+                    if not handle.probe:
+                        await self.engine.resume_generation()
             t1 = time.perf_counter()
             if not handle.probe:
                 self.events.append({"kind": "load_weights", "start": time.time() - (t1 - t0), "end": time.time()})
-            return {"rank": self.rank, "version": version, "seconds": t1 - t0,
+            return {"rank": self.rank, "version": version, "seconds": t1 - t0, "pause_seconds": t_pause,
+                    "cut_requests": cut if not handle.probe and self.cfg.update_mode != "drain" else 0,
                     "load_seconds": max(r["seconds"] for r in res), "recv_seconds": max(r["recv_s"] for r in res),
                     "apply_seconds": max(r["load_s"] for r in res), "bytes": res[0]["bytes"]}
 
@@ -352,26 +395,13 @@ class RolloutWorker:
 
     async def stats(self) -> dict[str, Any]:
         return {"rank": self.rank, "version": self.version, "inflight": self.inflight,
-                "tokens_out": self.tokens_out, "samples_out": self.samples_out, "cached_tokens": self.cached_tokens}
+                "tokens_out": self.tokens_out, "samples_out": self.samples_out, "cached_tokens": self.cached_tokens,
+                "resubmitted": self.resubmitted}
 
     async def shutdown(self) -> None:
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
-
-
-def _token_versions(comp: Any, n: int, fallback: int) -> list[int]:
-    """Per-token policy versions from vLLM's weight-version spans (or the start version without them)."""
-    spans = getattr(comp, "weight_versions", None)
-    if not spans:
-        return [fallback] * n
-    out = [fallback] * n
-    for span in spans:
-        if not str(span.version).lstrip("-").isdigit():
-            continue  # a label streamrl did not set (e.g. vLLM's "default" before the first update)
-        for k in range(span.start, min(span.end, n)):
-            out[k] = int(span.version)
-    return out
 
 
 RolloutActor = ray.remote(num_cpus=1, max_concurrency=10_000)(RolloutWorker)

@@ -27,7 +27,8 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=True,
+        # two GPUs as far as Ray counts (none is real): placement tests place actors on them
+        ray.init(address="local", num_cpus=8, num_gpus=2, include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "ERROR", "TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()

@@ -110,7 +110,7 @@ def test_kill_driver_then_resume(tiny_model, tmp_path):
 
 def test_colocated_sync_mode_time_shares(ray_session, tiny_model, tmp_path):
     """eta = 0 with colocation: each step's groups finish, engines sleep, the trainer steps, engines wake."""
-    records = run(tiny_model, tmp_path / "c", "trainer.total_steps=3", "algorithm.eta=0", "rollout.colocate=true")
+    records = run(tiny_model, tmp_path / "c", "trainer.total_steps=3", "algorithm.eta=0", "resources.placement=timeshare")
     assert len(records) == 3 and all(r["staleness/max"] == 0 for r in records)  # on-policy
     spans = [json.loads(line) for line in (tmp_path / "c" / "timeline.jsonl").read_text().splitlines()]
     gen = [(s["start"], s["end"]) for s in spans if s["kind"] == "generate"]

@@ -35,7 +35,7 @@ def _recipe(tiny_model, tmp, m: int, transport: str, tp: int = 1, device: str = 
         "rollout.weight_bucket_mb=0.25", f"resources.wait_timeout_s={120 if device == 'cpu' else 400}",
         f"resources.device={device}",
         f"logging.run_dir={tmp}", "rollout.max_model_len=64", "trainer.compute_dtype=float32",
-        f"rollout.colocate={str(transport == 'ipc').lower()}", "algorithm.eta=0",
+        "algorithm.eta=0",
     ])
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,6 +20,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from datastore.client import DataStore
 from rl.config import Recipe
+from rl.placement import Placement
 from rl.transport import ChannelSpec, WeightHandle
 from rl.waits import PeerDied, WaitTimeout, await_, reserve, wait
 from trainer import checkpoint
@@ -33,20 +33,11 @@ class TrainerRankError(RuntimeError):
     """A trainer rank raised; the message names the rank and the call."""
 
 
-@dataclass
-class Placement:
-    """Where actors go: bundles of a placement group and the GPU share each actor takes there."""
-
-    pg: Any
-    bundles: list[int]
-    gpus: float
-
-
 class TrainerGroup:
     def __init__(self, recipe: Recipe, model_path: str, store: DataStore, partition: str, device: str,
                  run_dir: str | Path | None = None, placement: Optional["Placement"] = None) -> None:
-        """`placement`: bundles of a placement group shared with the rollout engines (colocated mode: each
-        rank takes a fraction of its bundle's GPU); default: a placement group of its own, a GPU a rank."""
+        """`placement`: bundles of a placement group shared with the rollout engines (placements timeshare and
+        share: each rank takes half of its bundle's GPU); default: a placement group of its own, a GPU a rank."""
         self.recipe, self.timeout = recipe, recipe.resources.wait_timeout_s
         self.run_dir = Path(run_dir) if run_dir else None
         self.failed = False  # a rank failed: the group cannot run collectives any more

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from datastore.client import DataStore
 from datastore.controller import Take
-from rl.config import Recipe
+from rl.config import Recipe, trainer_memory_fraction
 from rl.transport import ChannelSpec, WeightHandle
 from rl.waits import WaitTimeout
 from trainer import checkpoint
@@ -74,6 +74,8 @@ class TrainerWorker:
         timeout = datetime.timedelta(seconds=self.recipe.resources.wait_timeout_s)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            if self.recipe.resources.placement == "share":  # the engine holds the rest of this GPU
+                torch.cuda.set_per_process_memory_fraction(trainer_memory_fraction(self.recipe), self.device)
         dist.init_process_group(self.backend, rank=self.rank, world_size=self.world_size, timeout=timeout)
         # checkpoint writes run their collectives in a background thread: a group of their own
         self.ckpt_group = dist.new_group(backend="gloo", timeout=timeout)

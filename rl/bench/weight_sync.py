@@ -144,7 +144,7 @@ def _recipe(args: argparse.Namespace, model: str, device: str, transport: str) -
         f"rollout.tensor_parallel_size={args.tp}", f"rollout.weight_transport={transport}",
         f"rollout.weight_bucket_mb={args.bucket_mb}", f"rollout.gpu_memory_utilization={args.gpu_mem}",
         "rollout.max_model_len=128", "rollout.max_num_seqs=16", "rollout.kv_cache_gib=0.5",
-        f"rollout.colocate={str(transport == 'ipc').lower()}", "algorithm.eta=0",
+        "algorithm.eta=0",
         f"resources.device={device}", f"resources.wait_timeout_s={args.timeout}",
         f"logging.run_dir={tempfile.mkdtemp(prefix='streamrl-bench-wsync-')}",
     ])

@@ -3,9 +3,11 @@
 # GPU benchmarks, each under its own time limit, logs and JSON under $OUT.
 #
 #   bash .ci/device.sh install      # after every wheel part was copied to /tmp/parts (vLLM 0.24 + Ray)
-#   bash .ci/device.sh tests        # pytest -m gpu: weight-sync exactness (ipc), trainer on CUDA, e2e colocated
+#   bash .ci/device.sh tests        # pytest -m gpu: weight-sync exactness (ipc), trainer on CUDA, e2e in every
+#                                   # placement one GPU allows (timeshare, share at eta 1 and 2), update modes
+#   bash .ci/device.sh vs-trl       # streamrl bench vs-trl: TRL GRPOTrainer (vLLM colocate) vs each placement
 #   bash .ci/device.sh bench        # rollout, weight-sync (ipc), trainer, Qwen2-0.5B shape
-#   bash .ci/device.sh rollout|wsync|trainer|ipc-test|update-modes   # one alone (trainer also writes profiles)
+#   bash .ci/device.sh rollout|rollout128|wsync|trainer|ipc-test|update-modes   # one alone (trainer also writes profiles)
 #
 # Each step's output goes to $OUT/<step>.log and its JSON to $OUT/<step>.json; a step that fails or runs
 # past its limit is reported and the next one still runs.
@@ -40,6 +42,11 @@ bench_trainer() {  # bench_trainer LIMIT_S [extra args]
   step bench_trainer "$limit" python3 -m rl.cli bench trainer --device cuda --world-size 1 \
     --preset qwen2-0.5b --out "$OUT/bench_trainer.json" "$@"
 }
+bench_rollout128() {  # one step's batch of the vs-trl workload: 16 prompts x 8 samples, 64 + 512 tokens
+  step bench_rollout128 "$1" python3 -m rl.cli bench rollout --device cuda $QWEN05 --heads 14 --kv-heads 2 \
+    --intermediate 4864 --dtype bfloat16 --prompts 16 --n 8 --prompt-len 64 --max-tokens 512 \
+    --max-num-seqs 256 --gpu-mem 0.35 --repeats 2 --out "$OUT/bench_rollout128.json"
+}
 case "${1:-}" in
   install)
     if [ ! -d /tmp/site/vllm ]; then
@@ -51,7 +58,14 @@ case "${1:-}" in
     ;;
   tests)
     step gpu_tests "${2:-480}" python3 -m pytest -q -m gpu -s -p no:cacheprovider \
-      tests/test_weight_sync.py tests/test_trainer_gpu.py tests/test_gpu_e2e.py
+      tests/test_weight_sync.py tests/test_trainer_gpu.py tests/test_gpu_e2e.py tests/test_rollout.py
+    ;;
+  vs-trl)
+    step bench_vs_trl "${2:-560}" python3 -m rl.cli bench vs-trl --device cuda --out "$OUT/bench_vs_trl.json" \
+      ${VS_TRL_ARGS:-}
+    ;;
+  rollout128)
+    bench_rollout128 "${2:-240}"
     ;;
   rollout)
     bench_rollout "${2:-400}"
@@ -74,5 +88,5 @@ case "${1:-}" in
     bench_trainer "${2:-300}" --rounds 6 --profile "$OUT/trainer_profile"
     ;;
   *)
-    echo "usage: $0 install|tests|bench|rollout|wsync|trainer|ipc-test|update-modes" >&2; exit 2 ;;
+    echo "usage: $0 install|tests|vs-trl|bench|rollout|rollout128|wsync|trainer|ipc-test|update-modes" >&2; exit 2 ;;
 esac

@@ -92,7 +92,8 @@ def warm_start(model_dir: str | Path, task: SyntheticTask, spec: TinyModelConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a GPU recipe's larger shape
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32).to(device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=spec.warm_start_lr, weight_decay=0.0)
     rows = task.rows(spec.warm_start_steps * spec.warm_start_batch, seed=spec.seed + 1)
@@ -105,7 +106,7 @@ def warm_start(model_dir: str | Path, task: SyntheticTask, spec: TinyModelConfig
     bar = tqdm(range(spec.warm_start_steps), desc="warm start (supervised)", leave=False)
     for step in bar:
         batch = rows[step * spec.warm_start_batch : (step + 1) * spec.warm_start_batch]
-        input_ids, labels = _sft_batch(tok, batch)
+        input_ids, labels = (t.to(device) for t in _sft_batch(tok, batch))
         out = model(input_ids=input_ids, attention_mask=(input_ids != tok.pad_token_id).long(), labels=labels)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -114,8 +115,11 @@ def warm_start(model_dir: str | Path, task: SyntheticTask, spec: TinyModelConfig
         loss_value = out.loss.item()
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss_value:.3f}")
-    model.save_pretrained(str(model_dir))
-    return {"loss": loss_value, "seconds": time.time() - t0}
+    model.cpu().save_pretrained(str(model_dir))
+    del model, opt
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the driver keeps only its CUDA context; the engine and trainer need the rest
+    return {"loss": loss_value, "seconds": time.time() - t0, "device": device.type}
 
 
 def _sft_batch(tok, rows: list[dict]) -> tuple:

@@ -27,8 +27,11 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        # two GPUs as far as Ray counts (none is real): placement tests place actors on them
-        ray.init(address="local", num_cpus=8, num_gpus=2, include_dashboard=False, log_to_driver=True,
+        import torch
+
+        # without CUDA, two GPUs as far as Ray counts (none is real): placement tests place actors on them
+        fake_gpus = None if torch.cuda.is_available() else 2
+        ray.init(address="local", num_cpus=8, num_gpus=fake_gpus, include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "ERROR", "TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()

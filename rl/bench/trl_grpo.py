@@ -9,8 +9,8 @@ Spec keys (see run()): model_path, prompts [{"prompt", "answer"}], reward ("arit
 steps, warmup_steps, batch_groups, group_size, micro_batch_size (default group_size), max_new_tokens,
 temperature, lr, clip_low, clip_high, beta, device ("cpu" | "cuda"), dtype ("float32" | "bfloat16"), use_vllm,
 vllm_gpu_memory_utilization (0.3), max_model_len (default: longest prompt + max_new_tokens), seed, loss_type
-(TRL's default "dapo"), gradient_checkpointing (False), torch_threads, progress, extra_args (any other
-GRPOConfig fields, passed through).
+(TRL's default "dapo"), gradient_checkpointing (False), param_dtype ("float32"), torch_threads, progress,
+extra_args (any other GRPOConfig fields, passed through, overriding ours).
 
 dtype follows streamrl's trainer: master weights and AdamW state stay float32 (TRL's own default); "bfloat16"
 turns on bf16 autocast for training and makes vLLM generate in bf16. `param_dtype` overrides the dtype the
@@ -19,7 +19,7 @@ weights are loaded in.
 vLLM (colocate mode) runs inside this process: TRL builds `vllm.LLM(distributed_executor_backend=
 "external_launcher")` and itself sets RANK/LOCAL_RANK/WORLD_SIZE (and a free MASTER_PORT) just before it,
 after accelerate has settled on a single non-distributed process. They must not be set before that: with
-LOCAL_RANK set, accelerate would make a one-process NCCL group and wrap the model in DDP.
+LOCAL_RANK set, accelerate would take its distributed path (a one-process NCCL group, the model wrapped in DDP).
 """
 
 from __future__ import annotations

@@ -47,7 +47,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (CUDA workload)")
     p.add_argument("--gpu-mem", type=float, default=0.35, help="vLLM's share of the GPU, both systems")
     p.add_argument("--micro-batch-tokens", type=int, default=16384, help="streamrl's trainer token budget (CUDA)")
-    p.add_argument("--trl-micro-batch", type=int, default=16, help="TRL's per-device train batch (CUDA)")
+    p.add_argument("--trl-micro-batch", type=int, default=32,
+                   help="TRL's per-device train batch on CUDA (32 x 576 tokens: about streamrl's token budget)")
     p.add_argument("--target", type=float, default=0.45, help="reward level for time-to-reward (CPU)")
     p.add_argument("--window", type=int, default=10, help="steps in the moving mean of reward")
     p.add_argument("--system-timeout", type=float, default=0, help="seconds per system (default: 420 CUDA, 900 CPU)")
@@ -103,7 +104,8 @@ def workload(args: argparse.Namespace, device: str, work: Path) -> dict[str, Any
         model = args.model_path or str(make_tiny_model(r.model.tiny, task, r.model.cache_dir))
         prompts = task.rows(args.batch_groups * (args.steps + 4), seed=args.seed + 11)
         return {**common, "device": "cpu", "model_path": model, "prompts": prompts, "reward": "arithmetic_exact",
-                "max_new_tokens": r.rollout.max_tokens, "lr": r.trainer.lr, "dtype": "float32",
+                "max_new_tokens": r.rollout.max_tokens, "lr": r.trainer.lr, "dtype": "float32", "use_vllm": False,
+                "micro_batch_size": args.batch_groups * args.group_size,  # streamrl's CPU default: one micro-batch
                 "recipe": "recipes/cpu_default.yaml", "overrides": [f"model.path={model}"]}
     model = args.model_path or _gpu_model(work)
     prompts = _gpu_prompts(args, args.batch_groups * (args.steps + 4))

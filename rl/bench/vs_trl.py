@@ -46,9 +46,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=0, help="new tokens per sample (default: 512 on CUDA, 8 on CPU)")
     p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (CUDA workload)")
     p.add_argument("--gpu-mem", type=float, default=0.35, help="vLLM's share of the GPU, both systems")
-    p.add_argument("--micro-batch-tokens", type=int, default=16384, help="streamrl's trainer token budget (CUDA)")
-    p.add_argument("--trl-micro-batch", type=int, default=32,
-                   help="TRL's per-device train batch on CUDA (32 x 576 tokens: about streamrl's token budget)")
+    p.add_argument("--micro-batch-tokens", type=int, default=0,
+                   help="streamrl's trainer token budget on CUDA (default: 16384 on a GPU of >= 120 GB, else 8192)")
+    p.add_argument("--trl-micro-batch", type=int, default=0,
+                   help="TRL's per-device train batch on CUDA, the same tokens (default: 32, or 16 below 120 GB)")
     p.add_argument("--target", type=float, default=0.45, help="reward level for time-to-reward (CPU)")
     p.add_argument("--window", type=int, default=10, help="steps in the moving mean of reward")
     p.add_argument("--system-timeout", type=float, default=0, help="seconds per system (default: 420 CUDA, 900 CPU)")
@@ -60,6 +61,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def length_score(sample: Any) -> float:
     """The throughput runs' reward: response length over the budget (the TRL side computes the same)."""
     return len(sample.response_ids) / float(sample.row.get("max_tokens", 512))
+
+
+def gpu_gib() -> float:
+    """GPU 0's memory, read without making a CUDA context in this process (it would hold memory all run)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30)
+        return float(out.stdout.split()[0]) / 1024
+    except Exception:
+        return 0.0
 
 
 def default_systems(device: str, gpus: int) -> list[str]:
@@ -212,6 +223,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     args.steps = args.steps or (8 if device == "cuda" else 200)
     args.warmup = args.warmup or (2 if device == "cuda" else 5)
     args.max_tokens = args.max_tokens or (512 if device == "cuda" else 8)
+    big = device == "cuda" and gpu_gib() >= 120  # an H200: a micro-batch of ~16k tokens of 152k-vocab logits fits
+    args.micro_batch_tokens = args.micro_batch_tokens or (16384 if big else 8192)
+    args.trl_micro_batch = args.trl_micro_batch or (32 if big else 16)
     timeout_s = args.system_timeout or (420 if device == "cuda" else 900)
     systems = [s for s in args.systems.split(",") if s] or default_systems(device, gpus)
     work = Path(tempfile.mkdtemp(prefix="streamrl-bench-vs-trl-"))

@@ -199,7 +199,8 @@ def summarize(res: dict[str, Any], warmup: int, target: float, window: int) -> d
     elapsed = ends[-1] - ends[warmup - 1] if warmup else ends[-1] - res["start_time"]
     steps = len(ends) - warmup
     length = statistics.mean(res["completion_len"][warmup:])
-    out = {k: v for k, v in res.items() if k not in ("step_end_times", "rewards", "completion_len", "log_tail")}
+    out = {k: v for k, v in res.items()
+           if k not in ("step_end_times", "step_seconds", "rewards", "completion_len", "log_tail", "vllm_logp_diff")}
     out.update(s_per_step=elapsed / steps, samples_per_s=n * steps / elapsed, tokens_per_s=n * steps * length / elapsed,
                completion_len_mean=length, reward_first=res["rewards"][0], reward_last=res["rewards"][-1],
                time_to_reward_s=time_to_reward(res["rewards"], ends, res["start_time"], target, window))

@@ -6,6 +6,7 @@
 #   bash .ci/device.sh tests        # pytest -m gpu: weight-sync exactness (ipc), trainer on CUDA, e2e in every
 #                                   # placement one GPU allows (timeshare, share at eta 1 and 2), update modes
 #   bash .ci/device.sh vs-trl       # streamrl bench vs-trl: TRL GRPOTrainer (vLLM colocate) vs each placement
+#   bash .ci/device.sh e2e          # tests/test_gpu_e2e.py alone (timeshare, share at eta 1 and 2)
 #   bash .ci/device.sh bench        # rollout, weight-sync (ipc), trainer, Qwen2-0.5B shape
 #   bash .ci/device.sh rollout|rollout128|wsync|trainer|ipc-test|update-modes   # one alone (trainer also writes profiles)
 #
@@ -67,6 +68,9 @@ case "${1:-}" in
   rollout128)
     bench_rollout128 "${2:-240}"
     ;;
+  e2e)  # the placements on one GPU: per-token versions and the staleness bound on every trained sample
+    step gpu_e2e "${2:-420}" python3 -m pytest -q -m gpu -s -p no:cacheprovider tests/test_gpu_e2e.py
+    ;;
   rollout)
     bench_rollout "${2:-400}"
     ;;
@@ -88,5 +92,5 @@ case "${1:-}" in
     bench_trainer "${2:-300}" --rounds 6 --profile "$OUT/trainer_profile"
     ;;
   *)
-    echo "usage: $0 install|tests|vs-trl|bench|rollout|rollout128|wsync|trainer|ipc-test|update-modes" >&2; exit 2 ;;
+    echo "usage: $0 install|tests|e2e|vs-trl|bench|rollout|rollout128|wsync|trainer|ipc-test|update-modes" >&2; exit 2 ;;
 esac

@@ -236,6 +236,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"[vs-trl] {system}: running (limit {timeout_s:.0f} s) ...", flush=True)
         res = summarize(_child(system, spec, work, timeout_s), args.warmup, args.target, args.window)
         results[system] = res
+        if args.out:  # a cut-off run keeps the systems measured so far
+            Path(f"{args.out}.partial").write_text(json.dumps(results, default=float))
         print(f"[vs-trl] {system}: " + (f"FAILED {res['error']}\n{res.get('log_tail', '')}" if "error" in res else
                                         f"{res['samples_per_s']:.1f} samples/s, {res['s_per_step']:.2f} s/step"),
               flush=True)

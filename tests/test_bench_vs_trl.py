@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from rl.bench.vs_trl import summarize, time_to_reward
+from rl.bench import time_to_reward
+from rl.bench.vs_trl import summarize
 
 
 def test_figures_use_one_clock_for_every_system():

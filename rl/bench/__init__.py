@@ -52,6 +52,37 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def run_recipe(recipe: str | None, overrides: list[str], run_dir: str) -> tuple[list[dict[str, Any]], float, float]:
+    """A whole streamrl run of `recipe` + `overrides` in this process, quietly (no bar, no dashboard, no
+    final export), in `run_dir`. Returns the step records, when the training loop started (time.time())
+    and the seconds spent before it (Ray, store, engines, trainer)."""
+    from rl.config import load_recipe
+    from rl.controller import Controller
+
+    t0 = time.time()
+    r = load_recipe(recipe, [*overrides, f"logging.run_dir={run_dir}", "logging.progress=false",
+                             "logging.dashboard=false", "trainer.export_final=false"])
+    ctl = Controller(r)
+    ctl.build()
+    try:
+        t_loop = time.time()
+        records = ctl.run()
+    finally:
+        ctl.shutdown()
+    return records, t_loop, t_loop - t0
+
+
+def time_to_reward(rewards: Sequence[float], ends: Sequence[float], start: float, target: float,
+                   window: int) -> float | None:
+    """Seconds from `start` until the moving mean of reward over `window` steps first reaches `target`
+    (`ends[k]`: when step k ended); None if it never does."""
+    for k in range(min(window, len(rewards)) - 1, len(rewards)):
+        lo = max(0, k - window + 1)
+        if sum(rewards[lo: k + 1]) / (k + 1 - lo) >= target:
+            return ends[k] - start
+    return None
+
+
 def machine() -> dict[str, Any]:
     import os
 

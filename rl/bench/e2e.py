@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from rl.bench import print_table
+from rl.bench import print_table, run_recipe, time_to_reward
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -26,38 +25,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="recipe overrides applied to both runs")
 
 
-def time_to_reward(records: list[dict[str, Any]], target: float, window: int) -> float | None:
-    """Seconds from the first step's start until the moving mean of reward reaches `target`."""
-    if not records:
-        return None
-    t0 = records[0]["time"] - records[0].get("time/train_s", 0.0) - records[0].get("time/sync_s", 0.0)
-    rewards = [r["reward/mean"] for r in records]
-    for k in range(len(rewards)):
-        lo = max(0, k - window + 1)
-        if sum(rewards[lo : k + 1]) / (k + 1 - lo) >= target and k + 1 >= min(window, len(rewards)):
-            return records[k]["time"] - t0
-    return None
-
-
 def _one(recipe_path: str, eta: int, args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
-    from rl.config import load_recipe
-    from rl.controller import Controller
-
-    recipe = load_recipe(recipe_path, [*args.overrides, f"algorithm.eta={eta}", f"trainer.total_steps={args.steps}",
-                                       f"seed={args.seed}", f"logging.run_dir={run_dir}", "logging.progress=false",
-                                       "logging.dashboard=false", "trainer.export_final=false"])
-    ctl = Controller(recipe)
-    ctl.build()
-    try:
-        t0 = time.perf_counter()
-        records = ctl.run()
-        loop_s = time.perf_counter() - t0
-    finally:
-        ctl.shutdown()
+    records, t_loop, _ = run_recipe(recipe_path, [*args.overrides, f"algorithm.eta={eta}",
+                                                  f"trainer.total_steps={args.steps}", f"seed={args.seed}"], str(run_dir))
+    loop_s = records[-1]["time"] - t_loop
     samples = sum(r["samples"] for r in records)
     k = max(1, len(records) // 10)
+    ttr = time_to_reward([r["reward/mean"] for r in records], [r["time"] for r in records], t_loop, args.target,
+                         args.window)
     return {"eta": eta, "steps": len(records), "loop_s": loop_s, "samples_per_s": samples / loop_s,
-            "s_per_step": loop_s / len(records), "time_to_reward_s": time_to_reward(records, args.target, args.window),
+            "s_per_step": loop_s / len(records), "time_to_reward_s": ttr,
             "reward_first10": sum(r["reward/mean"] for r in records[:k]) / k,
             "reward_last10": sum(r["reward/mean"] for r in records[-k:]) / k,
             "staleness_mean": sum(r["staleness/mean"] for r in records) / len(records)}

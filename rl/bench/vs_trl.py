@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import subprocess
@@ -27,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rl.bench import print_table
+from rl.bench import print_table, run_recipe, time_to_reward
 
 QWEN05 = dict(arch="llama", hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864,
               vocab_size=151936)
@@ -142,31 +141,20 @@ def run_streamrl(spec: dict[str, Any]) -> dict[str, Any]:
     """streamrl in the spec's placement at its eta; per-step end times, rewards and lengths, time breakdown."""
     import ray
 
-    from rl.config import load_recipe
-    from rl.controller import Controller
-
-    t_start = time.time()
     placement, eta = spec["system"].rsplit("-eta", 1)
-    run_dir = tempfile.mkdtemp(prefix=f"streamrl-vs-trl-{spec['system']}-")
-    recipe = load_recipe(spec["recipe"], [*spec["overrides"], f"resources.placement={placement}", f"algorithm.eta={eta}",
-                                          f"trainer.total_steps={spec['steps']}", f"seed={spec['seed']}",
-                                          f"logging.run_dir={run_dir}", "logging.progress=false",
-                                          "logging.dashboard=false", "trainer.export_final=false"])
-    ctl = Controller(recipe)
-    ctl.build()
     try:
-        t_loop = time.time()
-        records = ctl.run()
+        records, t_loop, setup_s = run_recipe(
+            spec["recipe"], [*spec["overrides"], f"resources.placement={placement}", f"algorithm.eta={eta}",
+                             f"trainer.total_steps={spec['steps']}", f"seed={spec['seed']}"],
+            tempfile.mkdtemp(prefix=f"streamrl-vs-trl-{spec['system']}-"))
     finally:
-        ctl.shutdown()
         ray.shutdown()
     measured = records[spec["warmup_steps"]:]
-    return {"system": spec["system"], "steps": len(records), "start_time": t_loop, "setup_seconds": t_loop - t_start,
+    return {"system": spec["system"], "steps": len(records), "start_time": t_loop, "setup_seconds": setup_s,
             "step_end_times": [r["time"] for r in records], "rewards": [r["reward/mean"] for r in records],
             "completion_len": [r["response/len_mean"] for r in records],
             "samples_per_step": spec["batch_groups"] * spec["group_size"],
-            "breakdown": {k: statistics.median(r[k] for r in measured) for k in BREAKDOWN if all(k in r for r in measured)},
-            "run_dir": run_dir}
+            "breakdown": {k: statistics.median(r[k] for r in measured) for k in BREAKDOWN if all(k in r for r in measured)}}
 
 
 def _child(system: str, spec: dict[str, Any], work: Path, timeout_s: float) -> dict[str, Any]:
@@ -205,15 +193,6 @@ def summarize(res: dict[str, Any], warmup: int, target: float, window: int) -> d
                completion_len_mean=length, reward_first=res["rewards"][0], reward_last=res["rewards"][-1],
                time_to_reward_s=time_to_reward(res["rewards"], ends, res["start_time"], target, window))
     return out
-
-
-def time_to_reward(rewards: list[float], ends: list[float], start: float, target: float, window: int) -> float | None:
-    """Seconds from the first step's start until the moving mean of reward over `window` steps reaches `target`."""
-    for k in range(min(window, len(rewards)) - 1, len(rewards)):
-        lo = max(0, k - window + 1)
-        if sum(rewards[lo: k + 1]) / (k + 1 - lo) >= target:
-            return ends[k] - start
-    return None
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -94,6 +94,7 @@ class RolloutConfig:
     max_num_seqs: int = 256  # vLLM's cap on sequences decoded together
     max_model_len: int = 64
     kv_cache_gib: float = 0.25  # VLLM_CPU_KVCACHE_SPACE on CPU; ignored on GPU
+    cpu_threads: int = 1  # OpenMP threads of each engine on CPU (beside a trainer, more threads only spin); GPU: ignored
     gpu_memory_utilization: float = 0.5  # share of each GPU the engine holds (weights, KV cache, graphs); with
     #                                      resources.placement=share the trainer rank has trainer.gpu_memory_fraction beside it
     enforce_eager: bool = True  # skip graph capture / compilation: faster start, right for tiny models
@@ -353,7 +354,7 @@ def validate(recipe: Recipe) -> None:
     positive = [
         "rollout.num_engines", "rollout.tensor_parallel_size", "rollout.group_size", "rollout.max_tokens",
         "trainer.world_size", "trainer.total_steps", "trainer.batch_groups", "reward.num_workers",
-        "datastore.num_storage_units", "resources.wait_timeout_s", "reward.timeout_s",
+        "datastore.num_storage_units", "resources.wait_timeout_s", "reward.timeout_s", "rollout.cpu_threads",
     ]
     for key in positive:
         if not _get(recipe, key) > 0:

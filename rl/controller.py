@@ -245,6 +245,7 @@ class Controller:
         stages = self._stages(metrics)
         records: list[dict[str, Any]] = []
         error: BaseException | None = None
+        deferred: tuple[int, dict[str, Any], asyncio.Future] | None = None
         try:
             await stages.start()
             for step in range(self.start_step, r.trainer.total_steps):
@@ -254,7 +255,11 @@ class Controller:
                     with metrics.phase("sleep"):
                         await self.colocation.sleep()
                 with metrics.phase("train", actor="trainer"):
-                    m = await self._train_or_fail(step, stages)
+                    train = asyncio.ensure_future(self.trainer.train_step(step))
+                    if deferred is not None:  # the last step's record, written while this step trains
+                        records.append(await self._log_step(metrics, *deferred))
+                        deferred = None
+                    m = await self._train_or_fail(step, stages, train)
                 self._record_trained(step, m)
                 with metrics.phase("sync", actor="trainer"):
                     m.update(await self._sync_weights())
@@ -263,14 +268,23 @@ class Controller:
                         await self.colocation.after_sync()
                 self.version = step + 1
                 self.feeder.wake.set()
-                m.update(await stages.step_metrics(m))
-                records.append(metrics.log(step, m))
-                await self._maybe_checkpoint(step + 1)
+                # the step ends here; its stage metrics (a round of actor calls) are gathered beside the next step
+                m.update(metrics.take_phases(), time=time.time())
+                deferred = (step, m, asyncio.ensure_future(stages.step_metrics(m)))
+                if self._checkpoint_due(step + 1):  # a checkpoint never holds a step its records lack
+                    records.append(await self._log_step(metrics, *deferred))
+                    deferred = None
+                    await self.trainer.start_checkpoint()
+            if deferred is not None:
+                records.append(await self._log_step(metrics, *deferred))
+                deferred = None
             await self._finish()
         except BaseException as exc:
             error = exc
             raise
         finally:
+            if deferred is not None:
+                deferred[2].cancel()
             await stages.stop()
             metrics.close(error)
         (self.run_dir / "summary.json").write_text(json.dumps(learning_summary(read_metrics(self.run_dir)), indent=2))
@@ -297,12 +311,16 @@ class Controller:
         with open(self.run_dir / TRAINED, "a") as f:
             f.write(json.dumps({"step": step, "trained": trained, "dropped": dropped}) + "\n")
 
-    async def _maybe_checkpoint(self, version: int) -> None:
-        """Every `trainer.checkpoint_every` versions, after the step's records are written (a resume from
+    @staticmethod
+    async def _log_step(metrics: MetricsLogger, step: int, m: dict[str, Any], extra: asyncio.Future) -> dict[str, Any]:
+        m.update(await extra)
+        return metrics.log(step, m)
+
+    def _checkpoint_due(self, version: int) -> bool:
+        """Every `trainer.checkpoint_every` versions (after the step's records are written: a resume from
         this checkpoint then finds every step it holds in metrics.jsonl and trained.jsonl)."""
         every = self.recipe.trainer.checkpoint_every
-        if every and version % every == 0:
-            await self.trainer.start_checkpoint()
+        return bool(every) and version % every == 0
 
     async def _finish(self) -> None:
         """The final checkpoint (when checkpointing) and the final model as a Hugging Face directory."""
@@ -315,9 +333,8 @@ class Controller:
             out = await asyncio.to_thread(self.trainer.export_hf, self.run_dir / "final_model")
             log.info("final model: %s", out)
 
-    async def _train_or_fail(self, step: int, stages: "Stages") -> dict[str, Any]:
-        """A train step, unless a background stage fails first: then its error is the one raised."""
-        train = asyncio.ensure_future(self.trainer.train_step(step))
+    async def _train_or_fail(self, step: int, stages: "Stages", train: asyncio.Future) -> dict[str, Any]:
+        """The train step's result, unless a background stage fails first: then its error is the one raised."""
         while True:
             done, _ = await asyncio.wait({train}, timeout=1.0)
             if done:

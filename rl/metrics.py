@@ -88,6 +88,11 @@ class MetricsLogger:
         self.timeline.flush()
         self.timeline_flushed = time.time()
 
+    def take_phases(self) -> dict[str, float]:
+        """The phase times recorded since the last call (a step's, when its record is written later)."""
+        out, self.pending = self.pending, {}
+        return out
+
     # ------------------------------------------------------------------ steps
     def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
         record = {"step": step, "time": time.time(), **self.pending, **metrics}

@@ -176,6 +176,8 @@ class RewardConfig:
     batched: bool = False  # the function takes a list of samples and returns a list of scores
     model_path: Optional[str] = None  # for rl.rewards:RewardModel: a sequence-classification model directory
     model_sigmoid: bool = False  # RewardModel: squash the logit into (0, 1)
+    answer_mode: str = "strict"  # rl.rewards:MathAnswer: strict (only a '#### <number>' or \boxed{} answer counts) |
+    #                              flexible (also '####72', '#### $72.', and the last number of an unmarked response)
 
 
 @dataclass
@@ -257,6 +259,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "algorithm.loss_agg": ("token-mean", "seq-mean"),
     "algorithm.kl_estimator": ("k1", "k2", "k3"),
     "algorithm.kl_reference": ("behaviour", "initial"),
+    "reward.answer_mode": ("strict", "flexible"),
     "trainer.compute_dtype": ("auto", "float32", "bfloat16"),
     "trainer.reduce_dtype": ("float32", "bfloat16"),
     "trainer.lr_schedule": ("constant", "cosine"),
@@ -381,6 +384,10 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError(f"Recipe key 'rollout.top_p' must be in (0, 1]; got {recipe.rollout.top_p}")
     if ":" not in recipe.reward.fn:
         raise RecipeError(f"Recipe key 'reward.fn' = {recipe.reward.fn!r} must be 'module:function' or 'file.py:function'")
+    if recipe.reward.answer_mode != "strict" and recipe.reward.fn == "rl.rewards:math_answer":
+        raise RecipeError(f"Recipe key 'reward.answer_mode' = {recipe.reward.answer_mode} is read by "
+                          "rl.rewards:MathAnswer; the function rl.rewards:math_answer is always strict: set "
+                          "reward.fn=rl.rewards:MathAnswer")
 
 
 def _validate_placement(recipe: Recipe) -> None:

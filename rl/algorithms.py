@@ -289,6 +289,8 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, how: str, denom: float |
     sample's token mean; seq-mean-token-sum: mean over samples of each sample's token sum;
     seq-mean-token-sum-norm: the same divided by a constant horizon. `denom` (aggregate_denominator of the
     global mini-batch) replaces this batch's own; without it the horizon is the padded width."""
+    if how not in LOSS_AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {how!r}; valid: {', '.join(LOSS_AGGREGATIONS)}")
     if how == "seq-mean":
         total = ((values * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum()
     else:

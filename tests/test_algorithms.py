@@ -385,8 +385,9 @@ def test_aggregations_hand_computed():
     denom = aggregate_denominator("seq-mean-token-sum-norm", tokens=4, samples=2, horizon=8)
     assert denom == 16 and aggregate(v, m, "seq-mean-token-sum-norm", denom).item() == pytest.approx((6 / 8 + 4 / 8) / 2)
     assert aggregate_denominator("token-mean", 4, 2, 8) == 4 and aggregate_denominator("seq-mean-token-sum", 4, 2, 8) == 2
-    with pytest.raises(ValueError, match="seq-mean-token-sum-norm"):
-        aggregate(v, m, "sum")
+    for denom in (None, 4.0):
+        with pytest.raises(ValueError, match="seq-mean-token-sum-norm"):
+            aggregate(v, m, "sum", denom)
 
 
 def _random_batch(seed: int, lengths: list[int]) -> dict[str, torch.Tensor]:

@@ -8,7 +8,9 @@ Three registries, each a dict from the recipe's name to a function:
   `reduce` sums a tensor over every trainer rank (identity on one rank) for estimators that normalise over
   the global batch (REINFORCE++, whitened GAE); group estimators never need it because a rank holds whole
   groups. `needs_values(name)` says whether an estimator wants a critic.
-- `POLICY_LOSSES` (`algorithm.policy_loss`): `fn(LossInputs, LossConfig, denom) -> (loss, stats)`.
+- `POLICY_LOSSES` (`algorithm.policy_loss`): `fn(LossInputs, LossConfig, denom) -> (loss, stats)`, the
+  loss aggregated as `LossConfig.loss_agg` says (`aggregate`); `denom` comes from `aggregate_denominator`
+  over the whole mini-batch, so micro-batch losses add up to the mini-batch's.
 - KL estimators k1/k2/k3 (`kl_estimate`), usable in the loss (`kl_coef`) or as reward shaping
   (`kl_reward_coef` -> `kl_token_rewards`).
 """
@@ -45,19 +47,23 @@ def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, std_normaliz
                     eps: float = 1e-6) -> torch.Tensor:
     """GRPO: reward minus its group's mean, divided by the group's std when `std_normalize`.
 
-    A group whose rewards are all equal gets zero advantage (no signal), not a division by zero.
+    A group whose rewards are all equal gets zero advantage (no signal), not a division by zero. A group
+    of one sample (rollout.group_size = 1) has no baseline: its advantage is the raw reward, as in verl.
     """
-    mean, std, _ = _group_stats(rewards, group_ids)
-    adv = rewards - mean
-    return adv / (std + eps) if std_normalize else adv
+    mean, std, n = _group_stats(rewards, group_ids)
+    alone = n < 2
+    adv = torch.where(alone, rewards, rewards - mean)
+    return torch.where(alone, adv, adv / (std + eps)) if std_normalize else adv
 
 
 def rloo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, std_normalize: bool = False,
                     eps: float = 1e-6) -> torch.Tensor:
-    """RLOO: reward minus the mean of the *other* samples of its group (leave-one-out baseline)."""
-    mean, _, n = _group_stats(rewards, group_ids)
-    loo = (mean * n - rewards) / (n - 1).clamp(min=1)
-    return torch.where(n > 1, rewards - loo, torch.zeros_like(rewards))
+    """RLOO: reward minus the mean of the *other* samples of its group (leave-one-out baseline), divided
+    by the group's reward std when `std_normalize`. A group of one sample gets its raw reward (as GRPO)."""
+    mean, std, n = _group_stats(rewards, group_ids)
+    alone = n < 2
+    adv = torch.where(alone, rewards, rewards - (mean * n - rewards) / (n - 1).clamp(min=1))
+    return torch.where(alone, adv, adv / (std + eps)) if std_normalize else adv
 
 
 # ---------------------------------------------------------------- token rewards, returns, GAE
@@ -252,35 +258,92 @@ class LossConfig:
     clip_low: float = 0.2
     clip_high: float = 0.2
     behaviour_weight_cap: float = 2.0
-    loss_agg: str = "token-mean"
+    loss_agg: str = "token-mean"  # one of LOSS_AGGREGATIONS
     kl_coef: float = 0.0  # KL(pi || ref) as a loss term
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0  # entropy bonus: subtracts coef * entropy per token
+    clip_ratio_c: float = 3.0  # dual clip: a negative-advantage token's loss is at most -c * A; 0 = off
+    behaviour_cap_mode: str = "clamp"  # clamp | mask, see behaviour_weight
+
+
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+BEHAVIOUR_CAP_MODES = ("clamp", "mask")
+
+
+def aggregate_denominator(how: str, tokens: float | torch.Tensor, samples: float,
+                          horizon: float) -> float | torch.Tensor:
+    """What `aggregate` divides a batch's loss sum by: its counted tokens (token-mean), its samples
+    (seq-mean, seq-mean-token-sum), or samples * horizon (seq-mean-token-sum-norm, Dr. GRPO: every sample's
+    token sum over the same constant, the longest response allowed). Computed from the counts of a whole
+    mini-batch (every rank, every micro-batch), it makes the micro-batches' losses add up to the
+    mini-batch's aggregate however the batch is split."""
+    if how not in LOSS_AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {how!r}; valid: {', '.join(LOSS_AGGREGATIONS)}")
+    if how == "token-mean":
+        return tokens
+    return samples * horizon if how == "seq-mean-token-sum-norm" else samples
 
 
 def aggregate(values: torch.Tensor, mask: torch.Tensor, how: str, denom: float | None = None) -> torch.Tensor:
     """token-mean: mean over every counted token of the batch; seq-mean: mean over samples of each
-    sample's token mean. `denom` replaces the token (or sample) count, for a global mean across ranks."""
-    if how == "token-mean":
-        return (values * mask).sum() / (denom if denom is not None else mask.sum().clamp(min=1))
+    sample's token mean; seq-mean-token-sum: mean over samples of each sample's token sum;
+    seq-mean-token-sum-norm: the same divided by a constant horizon. `denom` (aggregate_denominator of the
+    global mini-batch) replaces this batch's own; without it the horizon is the padded width."""
+    if how not in LOSS_AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {how!r}; valid: {', '.join(LOSS_AGGREGATIONS)}")
     if how == "seq-mean":
-        per_seq = (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-        return per_seq.sum() / (denom if denom is not None else max(len(per_seq), 1))
-    raise ValueError(f"unknown loss aggregation {how!r}; valid: token-mean, seq-mean")
+        total = ((values * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum()
+    else:
+        total = (values * mask).sum()
+    if denom is None:
+        denom = aggregate_denominator(how, mask.sum().clamp(min=1), max(mask.shape[0], 1), mask.shape[-1])
+    return total / denom
 
 
-def decoupled_ppo_loss(x: LossInputs, cfg: LossConfig, denom: float | None = None) -> tuple[torch.Tensor, Stats]:
-    """Decoupled PPO (AReaL): clip the ratio to the proximal policy; weight each token by the
-    truncated ratio proximal/behaviour so that stale samples are corrected but cannot blow up.
+def _token_advantages(x: LossInputs) -> torch.Tensor:
+    return x.advantages if x.advantages.dim() == 2 else x.advantages[:, None].expand_as(x.logprobs)
 
-    With on-policy data (behaviour == proximal) the weight is 1 and this is PPO-clip; clip_high >
-    clip_low is DAPO's clip-higher.
-    """
-    adv = x.advantages if x.advantages.dim() == 2 else x.advantages[:, None].expand_as(x.logprobs)
-    ratio = torch.exp(x.logprobs - x.proximal_logprobs)
+
+def clipped_objective(ratio: torch.Tensor, adv: torch.Tensor, cfg: LossConfig,
+                      dual_clip: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token PPO-clip loss max(-r A, -clip(r, 1 - clip_low, 1 + clip_high) A). With dual clip
+    (`cfg.clip_ratio_c` > 0, Ye et al. 2020) a token with A < 0 loses at most -c A, so one very unlikely
+    token with a large ratio cannot dominate the batch. Returns (loss, ratio clipped, token dual-clipped)."""
     clipped = torch.clamp(ratio, 1 - cfg.clip_low, 1 + cfg.clip_high)
-    pg = -torch.minimum(ratio * adv, clipped * adv)
-    weight = torch.exp(x.proximal_logprobs - x.behaviour_logprobs).clamp(max=cfg.behaviour_weight_cap).detach()
+    loss = torch.maximum(-ratio * adv, -clipped * adv)
+    dual = torch.zeros_like(loss, dtype=torch.bool)
+    if dual_clip and cfg.clip_ratio_c > 0:
+        cap = -adv * cfg.clip_ratio_c
+        dual = (adv < 0) & (loss > cap)
+        loss = torch.where(dual, cap, loss)
+    return loss, ratio != clipped, dual
+
+
+def behaviour_weight(x: LossInputs, cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The importance weight proximal/behaviour of each token (no grad) and the tokens the cap dropped.
+
+    clamp: the weight is min(w, cap). mask (AReaL): a token with w > cap gets weight 0, so its
+    policy-gradient term leaves the loss; it stays in the denominator (as in AReaL: the count is the
+    mini-batch's counted tokens, known before any forward) and in the KL and entropy terms.
+    """
+    w = torch.exp(x.proximal_logprobs - x.behaviour_logprobs).detach()
+    if cfg.behaviour_cap_mode == "clamp":
+        return w.clamp(max=cfg.behaviour_weight_cap), torch.zeros_like(w, dtype=torch.bool)
+    if cfg.behaviour_cap_mode == "mask":
+        over = w > cfg.behaviour_weight_cap
+        return torch.where(over, torch.zeros_like(w), w), over
+    raise ValueError(f"unknown behaviour_cap_mode {cfg.behaviour_cap_mode!r}; valid: {', '.join(BEHAVIOUR_CAP_MODES)}")
+
+
+def _masked_frac(flags: torch.Tensor, mask: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    return (flags.to(mask.dtype) * mask).sum() / n
+
+
+def _weighted_loss(pg: torch.Tensor, ratio: torch.Tensor, clipped: torch.Tensor, dual: torch.Tensor,
+                   x: LossInputs, cfg: LossConfig, denom: float | None) -> tuple[torch.Tensor, Stats]:
+    """The policy-gradient loss `pg` times the behaviour weight, plus the KL and entropy terms, aggregated;
+    with the diagnostics every policy loss reports."""
+    weight, dropped = behaviour_weight(x, cfg)
     per_token = pg * weight
     ref = x.behaviour_logprobs if x.ref_logprobs is None else x.ref_logprobs
     kl = kl_estimate(x.logprobs, ref, cfg.kl_estimator)
@@ -297,12 +360,26 @@ def decoupled_ppo_loss(x: LossInputs, cfg: LossConfig, denom: float | None = Non
         stats = {  # 0-dim tensors (no device sync here); means over the counted tokens
             "ratio_mean": (ratio * m).sum() / n,
             "ratio_max": torch.where(m > 0, ratio, torch.ones_like(ratio)).max(),
-            "clip_frac": ((ratio != clipped).to(m.dtype) * m).sum() / n,
+            "clip_frac": _masked_frac(clipped, m, n),
+            "dual_clip_frac": _masked_frac(dual, m, n),
             "behaviour_weight_mean": (weight * m).sum() / n,
+            "behaviour_masked_frac": _masked_frac(dropped, m, n),
             "kl_behaviour": (kl_estimate(x.logprobs, x.behaviour_logprobs, cfg.kl_estimator) * m).sum() / n,
             "kl_ref": (kl * m).sum() / n,
         }
     return loss, stats
+
+
+def decoupled_ppo_loss(x: LossInputs, cfg: LossConfig, denom: float | None = None) -> tuple[torch.Tensor, Stats]:
+    """Decoupled PPO (AReaL): clip the ratio to the proximal policy; weight each token by the
+    truncated ratio proximal/behaviour so that stale samples are corrected but cannot blow up.
+
+    With on-policy data (behaviour == proximal) the weight is 1 and this is PPO-clip; clip_high >
+    clip_low is DAPO's clip-higher; dual clip bounds negative-advantage tokens (clipped_objective).
+    """
+    ratio = torch.exp(x.logprobs - x.proximal_logprobs)
+    pg, clipped, dual = clipped_objective(ratio, _token_advantages(x), cfg)
+    return _weighted_loss(pg, ratio, clipped, dual, x, cfg, denom)
 
 
 def ppo_clip_loss(x: LossInputs, cfg: LossConfig, denom: float | None = None) -> tuple[torch.Tensor, Stats]:
@@ -312,9 +389,25 @@ def ppo_clip_loss(x: LossInputs, cfg: LossConfig, denom: float | None = None) ->
     return decoupled_ppo_loss(on_policy, cfg, denom)
 
 
+def gspo_loss(x: LossInputs, cfg: LossConfig, denom: float | None = None) -> tuple[torch.Tensor, Stats]:
+    """GSPO (Zheng et al. 2025), in its token form: a sequence's importance ratio is the geometric mean
+    of its tokens' ratios to the proximal policy, s = exp(mean_t(logp_t - prox_t)), clipped per sequence
+    to [1 - clip_low, 1 + clip_high] (the paper uses about 3e-4 and 4e-4). Every token carries the value s
+    with the gradient of its own logprob, s * exp(logp_t - sg(logp_t)); averaged per sequence
+    (loss_agg seq-mean) the gradient is GSPO's, -A * grad s. No dual clip; the behaviour weight, KL and
+    entropy terms are those of decoupled_ppo.
+    """
+    m = x.mask
+    seq_log_ratio = ((x.logprobs - x.proximal_logprobs) * m).sum(-1) / m.sum(-1).clamp(min=1)
+    ratio = torch.exp(seq_log_ratio.detach()[:, None] + x.logprobs - x.logprobs.detach())
+    pg, clipped, dual = clipped_objective(ratio, _token_advantages(x), cfg, dual_clip=False)
+    return _weighted_loss(pg, ratio, clipped, dual, x, cfg, denom)
+
+
 POLICY_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, Stats]]] = {
     "decoupled_ppo": decoupled_ppo_loss,
     "ppo_clip": ppo_clip_loss,
+    "gspo": gspo_loss,
 }
 
 

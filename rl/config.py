@@ -150,13 +150,20 @@ class AlgorithmConfig:
     eta: int = 1  # staleness bound: a sample made by version v is trained at version <= v + eta
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, draw more prompts
     dynamic_sampling_max_drops: int = 0  # give up after this many signal-free groups in a row; 0 = 20 batches
-    advantage: str = "grpo"  # advantage estimator, see rl.algorithms.ADVANTAGES
-    std_normalize: bool = True  # GRPO: divide by the group's reward std
-    policy_loss: str = "decoupled_ppo"  # see rl.algorithms.POLICY_LOSSES
+    advantage: str = "grpo"  # advantage estimator, see rl.algorithms.ADVANTAGES; with rollout.group_size = 1 the
+    #                          group estimators (grpo, rloo, reinforce_pp_baseline) use the raw reward (no baseline)
+    std_normalize: bool = True  # grpo, rloo: divide by the group's reward std
+    policy_loss: str = "decoupled_ppo"  # decoupled_ppo | ppo_clip | gspo (needs loss_agg seq-mean); rl.algorithms.POLICY_LOSSES
     clip_low: float = 0.2
-    clip_high: float = 0.28  # clip-higher (DAPO); set equal to clip_low for symmetric PPO
-    behaviour_weight_cap: float = 2.0  # truncation of the proximal/behaviour importance weight
-    loss_agg: str = "token-mean"  # token-mean | seq-mean
+    clip_high: float = 0.28  # clip-higher (DAPO); set equal to clip_low for symmetric PPO (gspo: about 3e-4 and 4e-4)
+    clip_ratio_c: float = 3.0  # dual clip (decoupled_ppo, ppo_clip): a token with advantage A < 0 loses at most -c * A;
+    #                            > 1, or 0 to turn it off
+    behaviour_weight_cap: float = 2.0  # cap of the proximal/behaviour importance weight
+    behaviour_cap_mode: str = "clamp"  # clamp: a weight above the cap becomes the cap; mask (AReaL): its token's
+    #                                    policy-gradient term is dropped (it still counts in the denominator)
+    loss_agg: str = "token-mean"  # token-mean | seq-mean (each sample's token mean, then the mean over samples) |
+    #                               seq-mean-token-sum (token sums, mean over samples) | seq-mean-token-sum-norm
+    #                               (Dr. GRPO: token sums / the longest response allowed, mean over samples)
     kl_coef: float = 0.0  # KL(pi || kl_reference) as a loss term (0 disables)
     kl_estimator: str = "k3"  # k1 | k2 | k3, for both kl_coef and kl_reward_coef
     kl_reward_coef: float = 0.0  # KL as reward shaping: -coef * KL(pi || kl_reference) added to each token's reward
@@ -177,6 +184,8 @@ class RewardConfig:
     batched: bool = False  # the function takes a list of samples and returns a list of scores
     model_path: Optional[str] = None  # for rl.rewards:RewardModel: a sequence-classification model directory
     model_sigmoid: bool = False  # RewardModel: squash the logit into (0, 1)
+    answer_mode: str = "strict"  # rl.rewards:MathAnswer: strict (only a '#### <number>' or \boxed{} answer counts) |
+    #                              flexible (also '####72', '#### $72.', and the last number of an unmarked response)
 
 
 @dataclass
@@ -255,9 +264,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "resources.device": ("auto", "cpu", "cuda"),
     "resources.placement": ("separate", "timeshare", "share"),
-    "algorithm.loss_agg": ("token-mean", "seq-mean"),
+    "algorithm.loss_agg": ("token-mean", "seq-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
+    "algorithm.behaviour_cap_mode": ("clamp", "mask"),
     "algorithm.kl_estimator": ("k1", "k2", "k3"),
     "algorithm.kl_reference": ("behaviour", "initial"),
+    "reward.answer_mode": ("strict", "flexible"),
     "trainer.compute_dtype": ("auto", "float32", "bfloat16"),
     "trainer.reduce_dtype": ("float32", "bfloat16"),
     "trainer.lr_schedule": ("constant", "cosine"),
@@ -382,6 +393,10 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError(f"Recipe key 'rollout.top_p' must be in (0, 1]; got {recipe.rollout.top_p}")
     if ":" not in recipe.reward.fn:
         raise RecipeError(f"Recipe key 'reward.fn' = {recipe.reward.fn!r} must be 'module:function' or 'file.py:function'")
+    if recipe.reward.answer_mode != "strict" and recipe.reward.fn == "rl.rewards:math_answer":
+        raise RecipeError(f"Recipe key 'reward.answer_mode' = {recipe.reward.answer_mode} is read by "
+                          "rl.rewards:MathAnswer; the function rl.rewards:math_answer is always strict: set "
+                          "reward.fn=rl.rewards:MathAnswer")
 
 
 def _validate_placement(recipe: Recipe) -> None:
@@ -436,10 +451,35 @@ def _validate_trainer(recipe: Recipe) -> None:
     for key in ("algorithm.gamma", "algorithm.gae_lambda"):
         if not 0 <= _get(recipe, key) <= 1:
             raise RecipeError(f"Recipe key '{key}' must be in [0, 1]; got {_get(recipe, key)!r}")
+    _validate_loss(recipe)
     per_rank = recipe.trainer.batch_groups // recipe.trainer.world_size * recipe.rollout.group_size
     if not 1 <= recipe.trainer.mini_batches <= per_rank:
         raise RecipeError(f"Recipe key 'trainer.mini_batches' = {recipe.trainer.mini_batches} must be in "
                           f"[1, {per_rank}] (the samples each rank trains per step)")
+
+
+def _validate_loss(recipe: Recipe) -> None:
+    """The policy loss's keys, and combinations that would train on no signal."""
+    a = recipe.algorithm
+    if not (a.clip_ratio_c == 0 or a.clip_ratio_c > 1):
+        raise RecipeError(f"Recipe key 'algorithm.clip_ratio_c' must be > 1 (dual clip), or 0 to turn dual clip off; "
+                          f"got {a.clip_ratio_c!r}")
+    if not a.behaviour_weight_cap > 0:
+        raise RecipeError(f"Recipe key 'algorithm.behaviour_weight_cap' must be > 0; got {a.behaviour_weight_cap!r}")
+    if a.policy_loss == "gspo" and a.loss_agg != "seq-mean":
+        raise RecipeError(f"Recipe key 'algorithm.policy_loss' = gspo needs 'algorithm.loss_agg' = seq-mean (got "
+                          f"{a.loss_agg}): GSPO's objective averages each sequence's tokens, then the sequences")
+    if a.dynamic_sampling and recipe.rollout.group_size == 1:
+        raise RecipeError("Recipe key 'algorithm.dynamic_sampling' = true needs 'rollout.group_size' > 1: it drops "
+                          "groups whose rewards are all equal, which every group of one sample is")
+
+
+def max_response_tokens(recipe: Recipe) -> int:
+    """The longest response a sample can have: the horizon of loss_agg seq-mean-token-sum-norm."""
+    r = recipe.rollout
+    if not r.agent.fn:
+        return r.max_tokens
+    return r.agent.max_total_tokens or r.max_tokens * r.agent.max_turns
 
 
 def _get(obj: Any, dotted: str) -> Any:

@@ -5,8 +5,9 @@ named numbers (they become metrics). It may be `async def`. With `reward.batched
 samples and returns a list. It is named in the recipe as `module:function` or
 `path/to/file.py:function`; a class there is constructed once with the reward config (see RewardModel).
 
-Built-ins: `arithmetic_exact` (the synthetic task), `math_answer` (GSM8K '####' and \\boxed{} answers,
-normalised, numeric comparison), `RewardModel` (a sequence-classification model's score).
+Built-ins: `arithmetic_exact` (the synthetic task), `MathAnswer` / `math_answer` (GSM8K '####' and
+\\boxed{} answers, MATH-normalised, numbers compared exactly; strict or flexible about what counts as the
+answer, `reward.answer_mode`), `RewardModel` (a sequence-classification model's score).
 
 A call that raises, hangs past its timeout, or returns something that is not a finite score is reported
 with the sample and scored `error_score`; the run goes on.
@@ -21,6 +22,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, Awaitable, Callable, Union
 
 from rl.plugins import PluginLoadError, load_function
@@ -151,12 +153,24 @@ def arithmetic_exact(sample: Sample) -> float:
     return float(sample.response.strip() == str(sample.row.get("answer", "")).strip())
 
 
+# ---------------------------------------------------------------- math answers (GSM8K '####', MATH \boxed{})
+
+ANSWER_MODES = ("strict", "flexible")
 _BOXED = "\\boxed{"
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+# strict '####' answer: '#### ', then a number (comma groups of three allowed) ending at whitespace or the end
+_STRICT_HASH = re.compile(r"#### (-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)(?=\s|$)")
+# flexible '####' answer: a leading number (after an optional $) that ends at a space or punctuation
+_LEADING_NUMBER = re.compile(r"\$?\s*(-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?)(?=$|\s|[.,;:!?)])")
+_UNIT = re.compile(r"(.*?\S)\s*\\(?:text|mbox)\{\s*[A-Za-z][^{}]*\}(?:\^\{?\d\}?)?")  # '5\text{ cm}' -> '5'
+_TEXT = re.compile(r"\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}")
+#: relative tolerance of a comparison in which either number is written as a decimal (integers and
+#: fractions compare exactly): absorbs a recurring decimal written to about nine digits, nothing coarser
+DECIMAL_REL_TOL = Fraction(1, 10**9)
 
 
-def _last_boxed(text: str) -> str | None:
-    """Contents of the last \\boxed{...}, braces balanced."""
+def _last_boxed(text: str) -> tuple[int, str] | None:
+    """Position and contents of the last \\boxed{...}, braces balanced."""
     start = text.rfind(_BOXED)
     if start < 0:
         return None
@@ -164,62 +178,158 @@ def _last_boxed(text: str) -> str | None:
     for j in range(i, len(text)):
         depth += {"{": 1, "}": -1}.get(text[j], 0)
         if depth == 0:
-            return text[i:j]
+            return start, text[i:j]
     return None
 
 
-def extract_answer(text: str) -> str | None:
-    """A math response's final answer: the last \\boxed{}, else what follows the last '####', else the
-    last number in the text."""
-    boxed = _last_boxed(text)
-    if boxed is not None:
-        return boxed
-    if "####" in text:
-        return text.rsplit("####", 1)[1].strip().splitlines()[0] if text.rsplit("####", 1)[1].strip() else None
-    nums = _NUMBER.findall(text)
+def _last_hash(text: str, strict: bool) -> tuple[int, str] | None:
+    """Position and text of the last '####' answer: strict, a number right after '#### '; flexible, what
+    follows the last '####' on its line, whatever the spacing: its leading number if it starts with one
+    ('$72.' -> 72, '72 clips' -> 72), else all of it."""
+    if strict:
+        found = list(_STRICT_HASH.finditer(text))
+        return (found[-1].start(), found[-1].group(1)) if found else None
+    pos = text.rfind("####")
+    rest = text[pos + 4:].strip() if pos >= 0 else ""
+    if not rest:
+        return None
+    line = rest.splitlines()[0]
+    lead = _LEADING_NUMBER.match(line)
+    return pos, lead.group(1) if lead else line
+
+
+def extract_answer(text: str, mode: str = "strict") -> str | None:
+    """A math response's final answer: the later of its last \\boxed{} and its last '####' answer.
+
+    strict: only these marked answers count, and '####' must be followed by one space and a number that
+    ends at whitespace or the end of the text (verl's GSM8K rule): '#### 72', '#### 72 clips' and
+    '#### 1,000' count; '####72', '#### 72.', '#### $72' do not. flexible accepts everything strict does,
+    reads '####' loosely (see _last_hash), and scores a response with no marked answer on its last number.
+    """
+    if mode not in ANSWER_MODES:
+        raise ValueError(f"unknown answer mode {mode!r}; valid: {', '.join(ANSWER_MODES)}")
+    marked = [m for m in (_last_boxed(text), _last_hash(text, mode == "strict")) if m is not None]
+    if marked:
+        return max(marked)[1]
+    nums = _NUMBER.findall(text) if mode == "flexible" else []
     return nums[-1] if nums else None
 
 
-def normalize_answer(ans: str) -> str:
-    """Strip what does not change a math answer: $, commas in numbers, \\text{}, spaces, a final period,
-    \\left/\\right, and trailing zeros of decimals."""
-    s = ans.replace("\\$", "").replace("\\%", "").replace("%", "").strip().strip("$").strip()
-    s = re.sub(r"\\text\{([^}]*)\}", r"\1", s)
-    s = s.replace("\\left", "").replace("\\right", "").replace("\\!", "").replace("\\,", "")
-    s = s.replace("dfrac", "frac").replace("tfrac", "frac")
-    s = re.sub(r"(?<=\d),(?=\d{3}\b)", "", s)
-    s = s.rstrip(".").replace(" ", "").lower()
-    if re.fullmatch(r"-?\d+\.\d+", s):
-        s = s.rstrip("0").rstrip(".")
+def _latex_arg(s: str, k: int) -> tuple[str | None, int]:
+    """The LaTeX argument starting at s[k] (a braced group, a command, or one character) and the index after it."""
+    if k >= len(s):
+        return None, k
+    if s[k] == "{":
+        depth = 0
+        for j in range(k, len(s)):
+            depth += {"{": 1, "}": -1}.get(s[j], 0)
+            if depth == 0:
+                return s[k + 1:j], j + 1
+        return None, k
+    if s[k] == "\\":
+        m = re.match(r"\\[A-Za-z]+", s[k:])
+        return (m.group(0), k + m.end()) if m else (s[k:k + 2], k + 2)
+    return s[k], k + 1
+
+
+def _brace_fracs(s: str) -> str:
+    """\\frac12 -> \\frac{1}{2}, \\frac1{x} -> \\frac{1}{x}: brace-less arguments are one token, as in LaTeX."""
+    out, i = [], 0
+    while (j := s.find("\\frac", i)) >= 0:
+        out.append(s[i:j] + "\\frac")
+        k = j + len("\\frac")
+        for _ in range(2):
+            arg, k = _latex_arg(s, k)
+            if arg is None:
+                break
+            out.append("{" + _brace_fracs(arg) + "}")
+        i = k
+    return "".join(out) + s[i:]
+
+
+def _drop_units(s: str) -> str:
+    """Trailing \\text{ unit}s go ('5\\text{ cm}' -> '5'); any other \\text{x} becomes x."""
+    while m := _UNIT.fullmatch(s):
+        s = m.group(1)
+    while (unwrapped := _TEXT.sub(r"\1", s)) != s:
+        s = unwrapped
     return s
 
 
-def _as_number(s: str) -> float | None:
-    m = re.fullmatch(r"(-?\d+(?:\.\d+)?)/(\d+)", s)
-    if m:
-        return float(m.group(1)) / float(m.group(2))
-    m = re.fullmatch(r"\\frac\{(-?\d+(?:\.\d+)?)\}\{(\d+(?:\.\d+)?)\}", s)
-    if m:
-        return float(m.group(1)) / float(m.group(2))
-    try:
-        return float(s)
-    except ValueError:
+def normalize_answer(ans: str) -> str:
+    """The MATH grader's normalisation (Hendrycks et al.), plus GSM8K's: drop what does not change an
+    answer (spacing commands, \\left/\\right, $, %, degrees, units in \\text{}, thousands separators, a
+    short left-hand side 'x = '), spell \\dfrac/\\tfrac as \\frac, brace \\frac12 and \\sqrt2, remove
+    spaces, lowercase."""
+    s = ans.strip().replace("\n", "")
+    s = s.replace("{,}", "")
+    for gone in ("\\!", "\\,", "\\;", "\\:", "\\left", "\\right", "^{\\circ}", "^\\circ", "°", "\\$", "$",
+                 "\\%", "%"):
+        s = s.replace(gone, "")
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = _drop_units(s.strip())
+    if s.count("=") == 1 and len(s.split("=")[0].strip()) <= 2:
+        s = s.split("=")[1]
+    s = s.replace(" ", "")
+    s = re.sub(r"\\sqrt([^{\[\\])", r"\\sqrt{\1}", s)
+    s = _brace_fracs(s)
+    s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)
+    return s.rstrip(".").lower()
+
+
+def _as_number(s: str) -> tuple[Fraction, bool] | None:
+    """(value, written as a decimal) of a normalised integer, decimal, a/b or \\frac{a}{b}, optionally
+    negated; None for anything else."""
+    neg, body = s.startswith("-"), s.removeprefix("-")
+    num = r"-?(?:\d+(?:\.\d*)?|\.\d+)"
+    m = re.fullmatch(rf"\\frac\{{({num})\}}\{{({num})\}}|({num})/({num})|({num[2:]})", body)
+    if m is None:
         return None
+    parts = [p for p in m.groups() if p is not None]
+    if len(parts) == 2 and Fraction(parts[1]) == 0:
+        return None
+    value = Fraction(parts[0]) / (Fraction(parts[1]) if len(parts) == 2 else 1)
+    return (-value if neg else value), any("." in p for p in parts)
 
 
-def math_answer(sample: Sample) -> dict[str, float]:
-    """1.0 when the response's final answer equals the ground truth (GSM8K '#### x' or \\boxed{} forms,
-    numerically when both are numbers). Ground truth: the row's `answer` (its part after '####' if any).
-    Also reports `has_answer`: whether any final answer could be read from the response."""
-    truth_raw = str(sample.row.get("answer", ""))
-    truth = extract_answer(truth_raw) if ("####" in truth_raw or _BOXED in truth_raw) else truth_raw
-    got = extract_answer(sample.response)
-    if got is None or truth is None:
-        return {"score": 0.0, "has_answer": float(got is not None)}
+def answers_match(got: str, truth: str) -> bool:
+    """Whether two extracted answers are the same: as numbers when both are numbers (integers and
+    fractions exactly; with a decimal on either side, within DECIMAL_REL_TOL), else as normalised strings."""
     a, b = normalize_answer(got), normalize_answer(truth)
     na, nb = _as_number(a), _as_number(b)
-    same = abs(na - nb) <= 1e-6 * max(1.0, abs(nb)) if na is not None and nb is not None else a == b
-    return {"score": float(same), "has_answer": 1.0}
+    if na is None or nb is None:
+        return a == b
+    (x, x_decimal), (y, y_decimal) = na, nb
+    if x_decimal or y_decimal:
+        return abs(x - y) <= DECIMAL_REL_TOL * max(abs(x), abs(y))
+    return x == y
+
+
+def math_answer(sample: Sample, mode: str = "strict") -> dict[str, float]:
+    """1.0 when the response's final answer (see extract_answer for what `mode` accepts) matches the
+    ground truth (answers_match). Ground truth: the row's `answer`, its '####' or \\boxed{} part if it has
+    one. Also reports `has_answer`: whether the response had an answer that `mode` accepts. As a recipe's
+    reward.fn this is strict; rl.rewards:MathAnswer reads the mode from reward.answer_mode."""
+    truth_raw = str(sample.row.get("answer", ""))
+    marked = "####" in truth_raw or _BOXED in truth_raw
+    truth = extract_answer(truth_raw, "flexible") if marked else truth_raw
+    got = extract_answer(sample.response, mode)
+    if got is None or truth is None:
+        return {"score": 0.0, "has_answer": float(got is not None)}
+    return {"score": float(answers_match(got, truth)), "has_answer": 1.0}
+
+
+class MathAnswer:
+    """math_answer with the mode from the recipe's `reward.answer_mode` (strict | flexible); name it as
+    `reward.fn=rl.rewards:MathAnswer`."""
+
+    def __init__(self, cfg: Any) -> None:
+        if cfg.answer_mode not in ANSWER_MODES:
+            raise ValueError(f"reward.answer_mode = {cfg.answer_mode!r}; valid: {', '.join(ANSWER_MODES)}")
+        self.mode = cfg.answer_mode
+
+    def __call__(self, sample: Sample) -> dict[str, float]:
+        return math_answer(sample, self.mode)
 
 
 class RewardModel:

@@ -3,10 +3,11 @@ import math
 import pytest
 import torch
 
-from rl.algorithms import (ADVANTAGES, AdvantageConfig, AdvantageInputs, LossConfig, LossInputs, aggregate,
-                           decoupled_ppo_loss, discounted_returns, gae, grpo_advantages, kl_estimate,
-                           kl_token_rewards, masked_whiten, needs_values, outcome_token_rewards, ppo_clip_loss,
-                           rloo_advantages, value_loss)
+from rl.algorithms import (ADVANTAGES, LOSS_AGGREGATIONS, POLICY_LOSSES, AdvantageConfig, AdvantageInputs,
+                           LossConfig, LossInputs, aggregate, aggregate_denominator, decoupled_ppo_loss,
+                           discounted_returns, gae, grpo_advantages, gspo_loss, kl_estimate, kl_token_rewards,
+                           masked_whiten, needs_values, outcome_token_rewards, ppo_clip_loss, rloo_advantages,
+                           value_loss)
 
 
 def test_grpo_hand_computed():
@@ -111,7 +112,7 @@ def close(actual: torch.Tensor, expected, atol: float = 1e-6) -> bool:
 
 def test_rloo_all_equal_group_and_singleton():
     adv = rloo_advantages(t([1.0, 1.0, 1.0, 0.7]), torch.tensor([0, 0, 0, 1]))
-    assert adv.tolist() == [0.0, 0.0, 0.0, 0.0]  # all equal: zero; a group of one has no baseline: zero
+    assert close(adv, [0.0, 0.0, 0.0, 0.7])  # all equal: zero; a group of one has no baseline: its raw reward
 
 
 def test_outcome_reward_lands_on_last_counted_token():
@@ -256,3 +257,188 @@ def test_seq_mean_counts_each_sample_once_whatever_its_length():
     seq, _ = decoupled_ppo_loss(x, LossConfig(loss_agg="seq-mean"))
     assert tok.item() == pytest.approx(-(4 - 1) / 5)
     assert seq.item() == pytest.approx(0.0)  # (-1 + 1) / 2
+
+
+# ---------------------------------------------------------------- group_size 1, RLOO std
+
+@pytest.mark.parametrize("name", ["grpo", "rloo", "reinforce_pp_baseline"])
+@pytest.mark.parametrize("std_normalize", [True, False])
+def test_group_of_one_gets_its_raw_reward(name, std_normalize):
+    """rollout.group_size = 1: no baseline to subtract, so the advantage is the reward (verl), not 0."""
+    x = AdvantageInputs(t([0.7, 0.0, 1.0]), torch.tensor([0, 1, 2]), t([[1, 1], [1, 0], [1, 1]]))
+    adv = ADVANTAGES[name](x, AdvantageConfig(std_normalize=std_normalize), None).advantages
+    if name == "reinforce_pp_baseline":  # returns [[.7, .7], [0], [1, 1]] whitened over the batch
+        g = [0.7, 0.7, 0.0, 1.0, 1.0]
+        mean, std = sum(g) / 5, math.sqrt(sum((v - sum(g) / 5) ** 2 for v in g) / 4)
+        expect = [[(0.7 - mean) / std] * 2, [-mean / std, 0.0], [(1 - mean) / std] * 2]
+        assert close(adv, expect, atol=1e-5)
+    else:
+        assert close(adv, [[0.7, 0.7], [0.0, 0.0], [1.0, 1.0]])
+
+
+def test_rloo_honours_std_normalize():
+    x = AdvantageInputs(t([1.0, 0.0, 0.0]), torch.tensor([0, 0, 0]), t([[1], [1], [1]]))
+    plain = ADVANTAGES["rloo"](x, AdvantageConfig(std_normalize=False), None).advantages
+    assert close(plain, [[1.0], [-0.5], [-0.5]])
+    # rewards 1, 0, 0: mean 1/3, unbiased variance ((2/3)^2 + 2 (1/3)^2) / 2 = 1/3
+    std = math.sqrt(1 / 3)
+    scaled = ADVANTAGES["rloo"](x, AdvantageConfig(std_normalize=True), None).advantages
+    assert close(scaled, [[1.0 / std], [-0.5 / std], [-0.5 / std]], atol=1e-5)
+    assert close(rloo_advantages(t([1.0, 0.0, 0.0]), torch.tensor([0, 0, 0]), std_normalize=True),
+                 [1.0 / std, -0.5 / std, -0.5 / std], atol=1e-5)
+
+
+# ---------------------------------------------------------------- dual clip
+
+def test_dual_clip_caps_negative_advantage_tokens():
+    # ratio e^1.5 = 4.48 with A = -1: PPO's loss is 4.48 (the min keeps the unclipped penalty); dual clip caps it at 3
+    x = _inputs([[1.5, 1.5, 0.1]], [[0.0, 0.0, 0.0]], [[0.0, 0.0, 0.0]], [[-1.0, 1.0, -1.0]], [[1, 1, 1]])
+    loss, stats = decoupled_ppo_loss(x, LossConfig(clip_ratio_c=3.0))
+    # token 1: A = +1, ratio clipped to 1.2: -1.2; token 2: ratio e^0.1 = 1.105 < 3: loss 1.105
+    assert loss.item() == pytest.approx((3.0 - 1.2 + math.exp(0.1)) / 3)
+    assert float(stats["dual_clip_frac"]) == pytest.approx(1 / 3)
+    off, stats = decoupled_ppo_loss(x, LossConfig(clip_ratio_c=0.0))
+    assert off.item() == pytest.approx((math.exp(1.5) - 1.2 + math.exp(0.1)) / 3)
+    assert float(stats["dual_clip_frac"]) == 0.0
+    assert ppo_clip_loss(x, LossConfig(clip_ratio_c=3.0))[0].item() == pytest.approx(loss.item())
+
+
+def test_dual_clipped_token_has_no_gradient_and_keeps_its_behaviour_weight():
+    lp = torch.tensor([[1.5]], requires_grad=True)
+    x = LossInputs(lp, t([[0.0]]), t([[-0.5]]), t([-2.0]), t([[1]]))
+    loss, _ = decoupled_ppo_loss(x, LossConfig(clip_ratio_c=3.0, behaviour_weight_cap=2.0))
+    assert loss.item() == pytest.approx(2.0 * 3.0 * math.exp(0.5))  # -A * c, times the weight e^0.5 = 1.65
+    loss.backward()
+    assert lp.grad.item() == 0.0
+
+
+# ---------------------------------------------------------------- behaviour weight cap: clamp or mask
+
+def test_behaviour_cap_mask_drops_the_token_but_keeps_it_in_the_denominator():
+    # weights e^2 = 7.39 (over the cap 2) and e^0.5 = 1.65; advantages 1, ratio 1 (current == proximal)
+    x = _inputs([[0.0, 0.0]], [[0.0, 0.0]], [[-2.0, -0.5]], [1.0], [[1, 1]])
+    clamp, stats = decoupled_ppo_loss(x, LossConfig(behaviour_weight_cap=2.0, behaviour_cap_mode="clamp"))
+    assert clamp.item() == pytest.approx(-(2.0 + math.exp(0.5)) / 2)
+    assert float(stats["behaviour_masked_frac"]) == 0.0
+    mask, stats = decoupled_ppo_loss(x, LossConfig(behaviour_weight_cap=2.0, behaviour_cap_mode="mask"))
+    assert mask.item() == pytest.approx(-(0.0 + math.exp(0.5)) / 2)  # the dropped token still counts in the 2
+    assert float(stats["behaviour_masked_frac"]) == pytest.approx(0.5)
+    assert float(stats["behaviour_weight_mean"]) == pytest.approx(math.exp(0.5) / 2)
+    with pytest.raises(ValueError, match="clamp, mask"):
+        decoupled_ppo_loss(x, LossConfig(behaviour_cap_mode="drop"))
+
+
+def test_masked_token_keeps_its_kl_term():
+    lp = torch.tensor([[0.0]], requires_grad=True)
+    x = LossInputs(lp, t([[0.0]]), t([[-3.0]]), t([1.0]), t([[1]]), ref_logprobs=t([[-1.0]]))
+    loss, _ = decoupled_ppo_loss(x, LossConfig(behaviour_cap_mode="mask", kl_coef=0.5, kl_estimator="k1"))
+    assert loss.item() == pytest.approx(0.5 * 1.0)  # policy-gradient term gone, KL(k1) = 0 - (-1) stays
+    loss.backward()
+    assert lp.grad.item() == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------- GSPO
+
+def test_gspo_sequence_ratio_and_clipping_hand_computed():
+    # sequence 0: log-ratios 0.2, 0.4 -> s = e^0.3 = 1.35 > 1.2, A = +1: clipped, -1.2 on both tokens
+    # sequence 1: log-ratios -0.1 (and padding) -> s = e^-0.1 = 0.905 inside [0.8, 1.2], A = -1: 0.905
+    lp = torch.tensor([[0.2, 0.4], [-0.1, 5.0]], requires_grad=True)
+    x = LossInputs(lp, t([[0.0, 0.0], [0.0, 0.0]]), t([[0.0, 0.0], [0.0, 0.0]]), t([1.0, -1.0]), t([[1, 1], [1, 0]]))
+    cfg = LossConfig(clip_low=0.2, clip_high=0.2, loss_agg="seq-mean")
+    loss, stats = gspo_loss(x, cfg)
+    assert loss.item() == pytest.approx((-1.2 + math.exp(-0.1)) / 2)
+    assert float(stats["clip_frac"]) == pytest.approx(2 / 3)  # both tokens of sequence 0
+    assert float(stats["ratio_mean"]) == pytest.approx((2 * math.exp(0.3) + math.exp(-0.1)) / 3)
+    loss.backward()
+    # clipped sequence: no gradient; sequence 1: d/dlogp of -A * s / 1 token / 2 sequences = s / 2
+    assert close(lp.grad, [[0.0, 0.0], [math.exp(-0.1) / 2, 0.0]])
+
+
+def test_gspo_gradient_is_the_sequence_ratio_gradient():
+    """Unclipped, with seq-mean the token form's gradient equals that of -A * s(theta) itself:
+    d s / d logp_t = s / |y| for every token of the sequence."""
+    lp = torch.tensor([[-0.05, 0.02, 0.01]], requires_grad=True)
+    x = LossInputs(lp, t([[0.0, 0.0, 0.0]]), t([[0.0, 0.0, 0.0]]), t([2.0]), t([[1, 1, 1]]))
+    loss, _ = gspo_loss(x, LossConfig(clip_low=0.2, clip_high=0.2, loss_agg="seq-mean"))
+    loss.backward()
+    s = math.exp((-0.05 + 0.02 + 0.01) / 3)
+    assert loss.item() == pytest.approx(-2.0 * s)
+    assert close(lp.grad, [[-2.0 * s / 3] * 3])
+    assert "gspo" in POLICY_LOSSES
+
+
+def test_gspo_has_no_dual_clip():
+    x = _inputs([[2.0]], [[0.0]], [[0.0]], [-1.0], [[1]])
+    loss, stats = gspo_loss(x, LossConfig(clip_ratio_c=3.0, loss_agg="seq-mean"))
+    assert loss.item() == pytest.approx(math.exp(2.0)) and float(stats["dual_clip_frac"]) == 0.0
+
+
+# ---------------------------------------------------------------- aggregations and the global denominator
+
+def test_aggregations_hand_computed():
+    v = t([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    m = t([[1, 1, 1], [1, 0, 0]])
+    assert aggregate(v, m, "token-mean").item() == pytest.approx(10 / 4)
+    assert aggregate(v, m, "seq-mean").item() == pytest.approx((2 + 4) / 2)
+    assert aggregate(v, m, "seq-mean-token-sum").item() == pytest.approx((6 + 4) / 2)
+    assert aggregate(v, m, "seq-mean-token-sum-norm").item() == pytest.approx((6 / 3 + 4 / 3) / 2)  # padded width 3
+    denom = aggregate_denominator("seq-mean-token-sum-norm", tokens=4, samples=2, horizon=8)
+    assert denom == 16 and aggregate(v, m, "seq-mean-token-sum-norm", denom).item() == pytest.approx((6 / 8 + 4 / 8) / 2)
+    assert aggregate_denominator("token-mean", 4, 2, 8) == 4 and aggregate_denominator("seq-mean-token-sum", 4, 2, 8) == 2
+    for denom in (None, 4.0):
+        with pytest.raises(ValueError, match="seq-mean-token-sum-norm"):
+            aggregate(v, m, "sum", denom)
+
+
+def _random_batch(seed: int, lengths: list[int]) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    b, w = len(lengths), max(lengths)
+    mask = (torch.arange(w)[None, :] < torch.tensor(lengths)[:, None]).float()
+    mask[0, 1] = 0.0  # a masked (tool) token inside a response
+    return {"lp": -torch.rand(b, w, generator=g) * 2, "prox": -torch.rand(b, w, generator=g) * 2,
+            "beh": -torch.rand(b, w, generator=g) * 2, "adv": torch.randn(b, generator=g), "mask": mask,
+            "lengths": torch.tensor(lengths)}
+
+
+def _loss_of(batch: dict, rows: list[int], name: str, cfg: LossConfig, denom: float | None):
+    """The loss of `rows` of the batch, trimmed to their own longest response (as a micro-batch is); no
+    rows is the dummy micro-batch a rank with fewer samples runs: one row, nothing counted."""
+    if not rows:
+        lp = torch.zeros(1, 1, requires_grad=True)
+        x = LossInputs(lp, torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1), torch.zeros(1, 1))
+        loss, _ = POLICY_LOSSES[name](x, cfg, denom)
+        return loss.item(), torch.zeros_like(batch["lp"])
+    width = int(batch["lengths"][rows].max())
+    lp = batch["lp"][rows, :width].clone().requires_grad_(True)
+    x = LossInputs(lp, batch["prox"][rows, :width], batch["beh"][rows, :width], batch["adv"][rows],
+                   batch["mask"][rows, :width])
+    loss, _ = POLICY_LOSSES[name](x, cfg, denom)
+    loss.backward()
+    grad = torch.zeros_like(batch["lp"])
+    grad[rows, :width] = lp.grad
+    return loss.item(), grad
+
+
+@pytest.mark.parametrize("how", LOSS_AGGREGATIONS)
+@pytest.mark.parametrize("name", ["decoupled_ppo", "gspo"])
+def test_micro_batch_losses_add_up_to_the_whole_batch(how, name):
+    """With the mini-batch's global denominator, however the samples are split into micro-batches (of
+    different padded widths, plus a dummy one), the losses and gradients add up to the one-batch aggregate."""
+    batch = _random_batch(0, [5, 2, 7, 1, 4])
+    cfg = LossConfig(clip_low=0.2, clip_high=0.28, loss_agg=how, behaviour_cap_mode="mask", behaviour_weight_cap=1.5)
+    denom = aggregate_denominator(how, float(batch["mask"].sum()), 5, horizon=10)
+    whole, whole_grad = _loss_of(batch, [0, 1, 2, 3, 4], name, cfg, denom)
+    if how != "seq-mean-token-sum-norm":  # the global denominator is the one-batch one
+        assert whole == pytest.approx(_loss_of(batch, [0, 1, 2, 3, 4], name, cfg, None)[0], rel=1e-6)
+    parts = [_loss_of(batch, rows, name, cfg, denom) for rows in ([0, 3], [1], [2, 4], [])]
+    assert sum(p[0] for p in parts) == pytest.approx(whole, rel=1e-5, abs=1e-7)
+    assert close(sum(p[1] for p in parts), whole_grad.tolist(), atol=1e-6)
+    assert whole_grad.abs().sum() > 0
+
+
+def test_seq_mean_token_sum_norm_is_the_token_sum_over_samples_times_horizon():
+    batch = _random_batch(1, [3, 2, 3])
+    cfg = LossConfig(loss_agg="seq-mean-token-sum-norm", clip_ratio_c=0.0)
+    loss, _ = _loss_of(batch, [0, 1, 2], "decoupled_ppo", cfg, aggregate_denominator(cfg.loss_agg, 7.0, 3, 16))
+    total, _ = _loss_of(batch, [0, 1, 2], "decoupled_ppo", LossConfig(loss_agg="seq-mean-token-sum", clip_ratio_c=0.0), None)
+    assert loss == pytest.approx(total / 16, rel=1e-6)  # seq-mean-token-sum is (sum)/3; norm is (sum)/(3 * 16)

@@ -80,3 +80,53 @@ def test_store_capacity_below_the_staleness_budget_is_refused():
 
 def test_empty_override_is_the_empty_string():
     assert load_recipe(None, ["data.template="]).data.template == ""
+
+
+@pytest.mark.parametrize("override, named", [
+    ("algorithm.clip_ratio_c=1.0", "algorithm.clip_ratio_c"),
+    ("algorithm.clip_ratio_c=-3", "algorithm.clip_ratio_c"),
+    ("algorithm.behaviour_cap_mode=drop", "clamp, mask"),
+    ("algorithm.behaviour_weight_cap=0", "algorithm.behaviour_weight_cap"),
+    ("algorithm.loss_agg=sum", "seq-mean-token-sum-norm"),
+    ("algorithm.policy_loss=gspo2", "gspo"),
+])
+def test_loss_keys_are_validated(override, named):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(None, [override])
+    assert named in str(e.value)
+
+
+def test_loss_key_defaults_and_choices_match_the_algorithms():
+    from rl.algorithms import BEHAVIOUR_CAP_MODES, LOSS_AGGREGATIONS, LossConfig
+    from rl.config import CHOICES
+
+    a = load_recipe(None).algorithm
+    assert (a.clip_ratio_c, a.behaviour_cap_mode, a.loss_agg) == (3.0, "clamp", "token-mean")
+    assert a.clip_ratio_c == LossConfig().clip_ratio_c
+    assert CHOICES["algorithm.loss_agg"] == LOSS_AGGREGATIONS
+    assert CHOICES["algorithm.behaviour_cap_mode"] == BEHAVIOUR_CAP_MODES
+    assert load_recipe(None, ["algorithm.clip_ratio_c=0"]).algorithm.clip_ratio_c == 0  # dual clip off
+
+
+def test_gspo_needs_seq_mean():
+    with pytest.raises(RecipeError, match="algorithm.loss_agg' = seq-mean"):
+        load_recipe(None, ["algorithm.policy_loss=gspo"])
+    r = load_recipe(None, ["algorithm.policy_loss=gspo", "algorithm.loss_agg=seq-mean", "algorithm.clip_low=3e-4",
+                           "algorithm.clip_high=4e-4"])
+    assert r.algorithm.policy_loss == "gspo"
+
+
+def test_group_of_one():
+    """Group estimators use the raw reward with one sample per prompt; dynamic sampling would drop every group."""
+    assert load_recipe(None, ["rollout.group_size=1", "algorithm.advantage=grpo"]).rollout.group_size == 1
+    with pytest.raises(RecipeError, match="rollout.group_size"):
+        load_recipe(None, ["rollout.group_size=1", "algorithm.dynamic_sampling=true"])
+
+
+def test_max_response_tokens_is_the_horizon_of_the_norm_aggregation():
+    from rl.config import max_response_tokens
+
+    assert max_response_tokens(load_recipe(None, ["rollout.max_tokens=32"])) == 32
+    agent = ["rollout.max_tokens=32", "rollout.agent.fn=tests/toy_tool.py:calculator", "rollout.agent.max_turns=3"]
+    assert max_response_tokens(load_recipe(None, agent)) == 96
+    assert max_response_tokens(load_recipe(None, agent + ["rollout.agent.max_total_tokens=50"])) == 50

@@ -108,10 +108,14 @@ def test_numpy_scalar_accepted():
 
 # ---------------------------------------------------------------- built-ins, batched, class plugins
 from rl.config import RewardConfig
-from rl.rewards import extract_answer, make_reward_caller, math_answer
+from rl.rewards import MathAnswer, answers_match, extract_answer, make_reward_caller, math_answer
 
 
-@pytest.mark.parametrize("response, truth, score", [
+def score(response, truth, mode="strict"):
+    return math_answer(Sample("q", response, row={"answer": truth}), mode)["score"]
+
+
+@pytest.mark.parametrize("response, truth, expected", [
     ("... so she sold 72 clips.\n#### 72", "Natalia sold 48/2 = 24 clips in May.\n#### 72", 1.0),
     ("The answer is \\boxed{\\frac{1}{2}}.", "0.5", 1.0),
     ("The answer is \\boxed{0.50}", "\\frac{1}{2}", 1.0),
@@ -120,12 +124,98 @@ from rl.rewards import extract_answer, make_reward_caller, math_answer
     ("no number here", "42", 0.0),
     ("\\boxed{x^2 + 1}", "\\boxed{x^2+1}", 1.0),
 ])
-def test_math_answer(response, truth, score):
-    assert math_answer(Sample("q", response, row={"answer": truth}))["score"] == score
+def test_math_answer(response, truth, expected):
+    assert score(response, truth) == expected
+
+
+@pytest.mark.parametrize("response, truth", [
+    ("#### 1000001", "1000000"),  # a relative tolerance of 1e-6 used to call these equal
+    ("#### 5,000,003", "5000000"),
+    ("#### 1000000.5", "1000000"),  # a decimal's tolerance is 1e-9 relative, not 1e-6
+    ("#### 0.333", "\\frac{1}{3}"),
+    ("\\boxed{\\frac{1}{3}}", "\\frac{1}{2}"),
+    ("\\boxed{5,002}", "5000"),
+])
+def test_numbers_that_differ_do_not_match(response, truth):
+    assert score(response, truth) == 0.0
+
+
+@pytest.mark.parametrize("got, truth", [
+    ("\\dfrac{3}{4}", "\\frac{3}{4}"), ("\\tfrac{3}{4}", "\\frac{3}{4}"),
+    ("\\frac12", "\\frac{1}{2}"), ("\\frac1{x}", "\\frac{1}{x}"), ("\\frac{\\sqrt3}2", "\\frac{\\sqrt{3}}{2}"),
+    ("\\sqrt2", "\\sqrt{2}"), ("2\\sqrt 3", "2\\sqrt{3}"),
+    ("x = 3", "3"), ("y=\\frac{1}{2}", "0.5"),
+    ("5\\text{ cm}", "5"), ("12\\text{ inches}^2", "12"), ("\\text{Monday}", "monday"),
+    ("90^\\circ", "90"), ("90^{\\circ}", "90"),
+    ("1{,}000", "1000"), ("1,000,000", "1000000"), ("1\\,000", "1000"),
+    ("-\\frac{1}{2}", "-0.5"), ("\\frac{-1}{2}", "-0.5"), ("-1/2", "-\\dfrac12"),
+    ("\\left( 3, \\frac{1}{2} \\right)", "(3,\\frac12)"),
+    ("50\\%", "50"), ("\\$18.90", "18.9"), ("0.3333333333", "\\frac{1}{3}"),
+])
+def test_math_normalisation_matches(got, truth):
+    assert answers_match(got, truth)
+
+
+def test_exact_numbers_are_compared_exactly():
+    assert not answers_match("1000001", "1000000") and not answers_match("\\frac{1}{3}", "\\frac{333333}{1000000}")
+    assert answers_match("\\frac{2}{4}", "\\frac{1}{2}") and answers_match("7", "7.0")
+    assert not answers_match("\\frac{1}{0}", "\\frac{2}{0}")  # a zero denominator: compared as strings
+
+
+@pytest.mark.parametrize("response, strict, flexible", [
+    ("#### 72", 1.0, 1.0),
+    ("#### 72 clips", 1.0, 1.0),  # the number ends at whitespace
+    ("so 70 + 2\n#### 72\n", 1.0, 1.0),
+    ("#### 7,2", 0.0, 0.0),
+    ("####72", 0.0, 1.0),  # strict: '#### ' needs its space (verl's GSM8K rule)
+    ("#### 72.", 0.0, 1.0),  # strict: nothing but whitespace may follow the number
+    ("#### $72", 0.0, 1.0),  # strict: a number right after '#### '
+    ("the answer is 72", 0.0, 1.0),  # strict: an unmarked response has no answer
+    ("#### 70 ... no wait, \\boxed{72}", 1.0, 1.0),  # the later marked answer counts
+    ("\\boxed{70} ... no wait\n#### 72", 1.0, 1.0),
+    ("#### 72 then #### 71", 0.0, 0.0),  # the last '####' answer
+])
+def test_strict_and_flexible_modes(response, strict, flexible):
+    assert score(response, "#### 72", "strict") == strict
+    assert score(response, "#### 72", "flexible") == flexible
+
+
+@pytest.mark.parametrize("response, truth", [
+    ("#### \\frac{1}{2}", "0.5"), ("####   2x + 1", "2x+1"), ("#### 3/4.", "0.75"), ("#### -5, so", "-5"),
+])
+def test_flexible_hash_reads_the_rest_of_the_line(response, truth):
+    assert score(response, truth, "flexible") == 1.0
+
+
+def test_has_answer_follows_the_mode():
+    sample = Sample("q", "I think it is 72", row={"answer": "72"})
+    assert math_answer(sample)["has_answer"] == 0.0
+    assert math_answer(sample, "flexible")["has_answer"] == 1.0
+    with pytest.raises(ValueError, match="strict, flexible"):
+        extract_answer("#### 1", "lenient")
 
 
 def test_extract_answer_nested_boxed():
     assert extract_answer("a \\boxed{\\frac{\\sqrt{2}}{2}} b") == "\\frac{\\sqrt{2}}{2}"
+
+
+def test_math_answer_class_reads_the_recipe_mode():
+    caller = make_reward_caller(RewardConfig(fn="rl.rewards:MathAnswer", answer_mode="flexible"))
+    assert run(caller, Sample("q", "#### 72.", row={"answer": "#### 72"})).score == 1.0
+    caller = make_reward_caller(RewardConfig(fn="rl.rewards:MathAnswer"))  # default: strict
+    assert run(caller, Sample("q", "#### 72.", row={"answer": "#### 72"})).score == 0.0
+    with pytest.raises(ValueError, match="answer_mode"):
+        MathAnswer(RewardConfig(answer_mode="loose"))
+
+
+def test_answer_mode_is_validated():
+    from rl.config import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match="reward.answer_mode.*strict, flexible"):
+        load_recipe(None, ["reward.answer_mode=loose"])
+    with pytest.raises(RecipeError, match="rl.rewards:MathAnswer"):
+        load_recipe(None, ["reward.fn=rl.rewards:math_answer", "reward.answer_mode=flexible"])
+    assert load_recipe(None, ["reward.fn=rl.rewards:MathAnswer", "reward.answer_mode=flexible"]).reward.answer_mode == "flexible"
 
 
 def test_batched_function(tmp_path):

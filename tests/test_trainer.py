@@ -81,15 +81,17 @@ def identical(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_token_budget_micro_batches_and_two_ranks_match_one_big_batch(ray_session, tiny_model):
-    one = Run(recipe(tiny_model, 1), tiny_model)
+@pytest.mark.parametrize("loss", [[], ["algorithm.loss_agg=seq-mean-token-sum-norm", "algorithm.behaviour_cap_mode=mask"]],
+                         ids=["token-mean", "token-sum-norm"])
+def test_token_budget_micro_batches_and_two_ranks_match_one_big_batch(ray_session, tiny_model, loss):
+    one = Run(recipe(tiny_model, 1, *loss), tiny_model)
     try:
         start = one.group.full_params()
         m1 = one.train(range(2))
         p1 = one.group.full_params()
     finally:
         one.close()
-    two = Run(recipe(tiny_model, 2, "trainer.micro_batch_tokens=48", "trainer.micro_batch_size=4"), tiny_model)
+    two = Run(recipe(tiny_model, 2, "trainer.micro_batch_tokens=48", "trainer.micro_batch_size=4", *loss), tiny_model)
     try:
         m2 = two.train(range(2))
         p2 = two.group.full_params()

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from rl import algorithms
-from rl.config import Recipe, TrainerConfig
+from rl.config import Recipe, TrainerConfig, max_response_tokens
 from trainer.batching import MicroBatch, Sample, collate, pad_stack, padded_tokens, plan_micro_batches, split_mini_batches
 from trainer.critic import build_critic, response_values
 from trainer.model import (ModelSource, build_policy, build_reference, logprobs_and_entropy, pad_multiple,
@@ -43,8 +43,9 @@ def lr_lambda(cfg: TrainerConfig) -> Callable[[int], float]:
 class _Sums:
     """Per-step metric sums kept on the device (no sync per micro-batch); reduced over ranks at the end."""
 
-    KEYS = ("tokens", "entropy", "kl_behaviour", "kl_ref", "clip", "ratio", "weight", "loss", "value_loss",
-            "value_mean", "value_clip", "value_error", "kl_reward", "micro_batches", "computed_tokens", "real_tokens")
+    KEYS = ("tokens", "entropy", "kl_behaviour", "kl_ref", "clip", "dual_clip", "ratio", "weight", "masked", "loss",
+            "value_loss", "value_mean", "value_clip", "value_error", "kl_reward", "micro_batches", "computed_tokens",
+            "real_tokens")
 
     def __init__(self, device: torch.device) -> None:
         self.v = torch.zeros(len(self.KEYS), dtype=torch.float64, device=device)
@@ -74,8 +75,10 @@ class PolicyTrainer:
             self.reference = build_reference(source, t, device, recipe.seed)
         self.loss_fn = algorithms.POLICY_LOSSES[a.policy_loss]
         self.adv_fn = algorithms.ADVANTAGES[a.advantage]
-        self.loss_cfg = algorithms.LossConfig(a.clip_low, a.clip_high, a.behaviour_weight_cap, a.loss_agg, a.kl_coef,
-                                              a.kl_estimator, a.entropy_coef)
+        self.loss_cfg = algorithms.LossConfig(
+            clip_low=a.clip_low, clip_high=a.clip_high, behaviour_weight_cap=a.behaviour_weight_cap, loss_agg=a.loss_agg,
+            kl_coef=a.kl_coef, kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef, clip_ratio_c=a.clip_ratio_c,
+            behaviour_cap_mode=a.behaviour_cap_mode)
         self.adv_cfg = algorithms.AdvantageConfig(a.std_normalize, a.gamma, a.gae_lambda, a.gae_whiten)
         self.version = 0
         self.multiple = pad_multiple(t.pad_multiple, device)
@@ -175,7 +178,8 @@ class PolicyTrainer:
         t, a = self.recipe.trainer, self.recipe.algorithm
         counts = self._allsum(torch.tensor([sum(float(samples[i].loss_mask.sum()) for i in part), float(len(part))],
                                            dtype=torch.float64))
-        denom = max(float(counts[0] if a.loss_agg == "token-mean" else counts[1]), 1.0)
+        denom = max(algorithms.aggregate_denominator(a.loss_agg, float(counts[0]), float(counts[1]),
+                                                     max_response_tokens(self.recipe)), 1.0)
         behaviour = [s.behaviour for s in samples]
         plan = self._plan(samples, part)
         sums.add(micro_batches=len(plan), real_tokens=sum(samples[i].length for i in part),
@@ -199,8 +203,9 @@ class PolicyTrainer:
             (loss * self.world_size).backward()
             n = mb.mask.sum()
             sums.add(tokens=n, entropy=(ent.detach() * mb.mask).sum(), kl_behaviour=stats["kl_behaviour"] * n,
-                     kl_ref=stats["kl_ref"] * n, clip=stats["clip_frac"] * n, ratio=stats["ratio_mean"] * n,
-                     weight=stats["behaviour_weight_mean"] * n, loss=loss)
+                     kl_ref=stats["kl_ref"] * n, clip=stats["clip_frac"] * n, dual_clip=stats["dual_clip_frac"] * n,
+                     ratio=stats["ratio_mean"] * n, weight=stats["behaviour_weight_mean"] * n,
+                     masked=stats["behaviour_masked_frac"] * n, loss=loss)
             sums.ratio_max = torch.maximum(sums.ratio_max, stats["ratio_max"].double())
             if self.critic is not None:
                 self._critic_micro_batch(mb, scores, returns, denom, sums)
@@ -247,6 +252,7 @@ class PolicyTrainer:
             "actor/entropy": g["entropy"] / tok, "actor/kl_behaviour": g["kl_behaviour"] / tok,
             "actor/kl_ref": g["kl_ref"] / tok, "actor/clip_frac": g["clip"] / tok, "actor/ratio_mean": g["ratio"] / tok,
             "actor/ratio_max": mx[1].item(), "actor/behaviour_weight_mean": g["weight"] / tok,
+            "actor/dual_clip_frac": g["dual_clip"] / tok, "actor/behaviour_masked_frac": g["masked"] / tok,
             "staleness/mean": g["stale"] / n, "staleness/max": mx[0].item(),
             "trainer/micro_batches": g["micro_batches"] / self.world_size,
             "trainer/pad_fraction": 1.0 - g["real_tokens"] / max(g["computed_tokens"], 1.0),

@@ -24,6 +24,7 @@ import ray
 from datastore.client import DataStore
 from rl.config import Recipe, RecipeError, load_recipe, resolve_run_dir, to_yaml
 from rl.data import PromptFormatter, PromptStream, row_to_json, synthetic_task
+from rl.heap import settle
 from rl.schedule import Colocation, Feeder, GroupFilter, SpanCollector
 from rl.metrics import MetricsLogger, learning_summary, read_metrics
 from rl.models import load_tokenizer, resolve_model_path
@@ -124,15 +125,20 @@ class Controller:
         self.rewarders = [RewardActor.remote(i, r.reward, self.store, PARTITION) for i in range(r.reward.num_workers)]
         self.trainer = TrainerGroup(r, self.model_path, self.store, PARTITION, self.device, run_dir=self.run_dir,
                                     placement=trainer_at)
-        started = wait([w.start.remote() for w in self.rollouts], self.timeout, "vLLM engine start",
-                       f"rollout workers 0..{len(self.rollouts) - 1}")
+        engines = [w.start.remote() for w in self.rollouts]
+        apart = r.resources.placement == "separate"  # on a shared GPU vLLM must measure free memory before the trainer loads
+        if apart:  # the engines start while the trainer loads
+            log.info("trainer ranks ready: %s", self.trainer.setup())
+        started = wait(engines, self.timeout, "vLLM engine start", f"rollout workers 0..{len(self.rollouts) - 1}")
         log.info("rollout engines started: %s", started)
-        log.info("trainer ranks ready: %s", self.trainer.setup())
+        if not apart:
+            log.info("trainer ranks ready: %s", self.trainer.setup())
         if ckpt is not None:
             self.version = self.trainer.load_checkpoint(ckpt)
             log.info("resumed from %s at version %d", ckpt, self.version)
         self._open_weight_channel()
         self.router = RolloutRouter(self.rollouts, r.rollout.max_tokens, self.timeout)
+        settle()
 
     def _rewind_records(self, step: int) -> None:
         """Resuming at `step`: forget what steps >= step did (their training was lost with the process), so
@@ -215,6 +221,7 @@ class Controller:
         loads: asyncio.Future | None = None
         try:
             handle = WeightHandle(kind=spec.kind, probe=probe) if spec.streams else await sent
+            handle.meta["asked_at"] = time.time()  # the engines report how long the call took to reach them
             loads = asyncio.ensure_future(await_([self.rollouts[i].update_weights.remote(handle) for i in engines],
                                                  self.timeout, what, f"rollout workers {engines}"))
             handle, res = await asyncio.gather(sent, loads)
@@ -236,6 +243,8 @@ class Controller:
                 "sync/transfer_s": handle.meta.get("transfer_s", 0.0),
                 "sync/recv_s": max(x["recv_seconds"] for x in res), "sync/load_s": max(x["apply_seconds"] for x in res),
                 "sync/pause_s": max(x["pause_seconds"] for x in res), "sync/engine_s": max(x["seconds"] for x in res),
+                "sync/dispatch_s": max(x["dispatch_seconds"] for x in res),
+                "sync/wait_receivers_s": handle.meta.get("wait_receivers_s", 0.0),
                 "sync/cut_requests": float(sum(x["cut_requests"] for x in res)), "sync/bytes": float(handle.nbytes)}
 
     async def run_async(self) -> list[dict[str, Any]]:
@@ -371,7 +380,7 @@ class Stages:
         self.spans = SpanCollector(metrics, ctl.rollouts, ctl.rewarders, ctl.timeout)
         self.tasks: list[asyncio.Task] = []
         self.reward_refs: list[ray.ObjectRef] = []
-        self.last = {"t": time.time(), "tokens": 0, "scored": 0, "errors": 0}
+        self.last = {"t": time.time(), "tokens": 0, "scored": 0, "errors": 0, "gc": 0.0}
 
     async def start(self) -> None:
         ctl = self.ctl
@@ -410,12 +419,14 @@ class Stages:
         rewards = await await_([w.stats.remote() for w in ctl.rewarders], ctl.timeout, "stats", "reward workers")
         await self.spans.collect()
         tokens = sum(s["tokens_out"] for s in rollout)
+        gc_s = max(s.get("gc_seconds", 0.0) for s in rollout)
         scored, errors = sum(s["scored"] for s in rewards), sum(s["errors"] for s in rewards)
         out: dict[str, Any] = {
             "throughput/samples_per_s": m.get("samples", 0) / dt,
             "throughput/gen_tokens_per_s": (tokens - self.last["tokens"]) / dt,
             "throughput/rewarded_per_s": (scored - self.last["scored"]) / dt,
             "reward/errors": errors - self.last["errors"],
+            "rollout/gc_pause_s": gc_s - self.last["gc"],  # the busiest engine's collector pauses since the last step
             "rollout/groups_running": ctl.budget.running, "rollout/groups_started": ctl.feeder.next_group,
             "rollout/groups_dropped": ctl.budget.dropped, "rollout/engine_failures": len(ctl.router.failures),
         }
@@ -432,7 +443,7 @@ class Stages:
             out.update(await asyncio.to_thread(ctl.store.metrics))
         except Exception as exc:  # observability must not stop training
             log.warning("data store metrics unavailable: %s", exc)
-        self.last = {"t": now, "tokens": tokens, "scored": scored, "errors": errors}
+        self.last = {"t": now, "tokens": tokens, "scored": scored, "errors": errors, "gc": gc_s}
         return out
 
     async def stop(self) -> None:

@@ -69,14 +69,16 @@ class WeightSender:
         out, so its gather overlaps the engines' pause."""
         state = None if probe else self.model.state_dict()
         t_start = time.perf_counter()
-        gather_s, t_ready = 0.0, t_start
+        gather_s, t_ready, wait_receivers = 0.0, t_start, 0.0
         for k in range(len(self.plan)):
             t0 = time.perf_counter()
             buf = self._fill(k, state)
             gather_s += time.perf_counter() - t0
             if k == 0:
+                t_begin = time.perf_counter()
                 self.channel.begin(version, self.plan, probe)  # returns when every receiver is there
                 t_ready = time.perf_counter()
+                wait_receivers = t_ready - t_begin
             self.channel.send_bucket(k, buf)
             del buf
         if not self.plan:
@@ -84,6 +86,7 @@ class WeightSender:
         handle = self.channel.end()
         t_end = time.perf_counter()
         handle.meta.update(gather_s=gather_s, send_s=t_end - t_start - gather_s, transfer_s=t_end - t_ready,
+                           wait_receivers_s=wait_receivers,
                            buckets=len(self.plan), trainer_total_s=t_end - t_start)
         return handle
 

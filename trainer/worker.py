@@ -28,6 +28,7 @@ import torch.distributed as dist
 from datastore.client import DataStore
 from datastore.controller import Take
 from rl.config import Recipe, trainer_memory_fraction
+from rl.heap import settle
 from rl.transport import ChannelSpec, WeightHandle
 from rl.waits import WaitTimeout
 from trainer import checkpoint
@@ -81,6 +82,7 @@ class TrainerWorker:
         self.ckpt_group = dist.new_group(backend="gloo", timeout=timeout)
         self.engine = PolicyTrainer(self.recipe, self.model_path, self.device)
         self.model = self.engine.model
+        settle()  # a full collection mid-step walks only what the run made (rl/heap.py)
         return {"rank": self.rank, "params": param_count(self.model), "setup_seconds": time.perf_counter() - t0}
 
     # ------------------------------------------------------------------ step
@@ -122,13 +124,15 @@ class TrainerWorker:
         take, dropped = self._claim(step)
         t_wait = time.perf_counter() - t0
         table = self.store.fetch(self.partition, self._my_share(take), TRAIN_FIELDS)
-        m = self.engine.train(samples_from_columns(table.to_pydict()), step)
+        columns = table.to_pydict()
+        m = self.engine.train(samples_from_columns(columns), step)
         self.version = self.engine.version
         m["time/wait_batch_s"] = t_wait
         m["staleness/dropped_groups"] = len(dropped) // self.recipe.rollout.group_size
         if self.rank == 0:  # the controller records which rows each step trained on (resume needs it)
             m["_trained"], m["_dropped"] = list(take.indexes), list(dropped)
-            versions = self.store.fetch(self.partition, take, ["version"]).column("version").to_pylist()
+            versions = columns["version"] if self.world_size == 1 else \
+                self.store.fetch(self.partition, take, ["version"]).column("version").to_pylist()
             m["staleness/hist"] = {str(k): v for k, v in sorted(Counter(step - x for x in versions).items())}
         m["time/step_s"] = time.perf_counter() - t0
         return m

@@ -108,7 +108,8 @@ class RolloutConfig:
     #                                 in-flight requests finish on the old weights, then the caches are dropped and it loads
     ignore_eos: bool = False  # generate max_tokens every time (benchmarks)
     seed_requests: bool = False  # a seed per request (reproducible samples; vLLM samples them one by one: slower on GPU)
-    detokenize: bool = True  # engine-side detokenization (needed for stop strings and the response text)
+    detokenize: bool = True  # the response text (rewards read it): decoded once per turn, or by the engine token
+    #                          by token when `stop` strings are set (they need it); false: token ids only
     sleep_level: int = 1  # resources.placement=timeshare: 1 drops the KV cache and offloads weights, 2 drops weights too
     agent: AgentConfig = field(default_factory=AgentConfig)
 

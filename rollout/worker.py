@@ -142,6 +142,12 @@ class RolloutWorker:
         settle()  # full collections while generating stop this actor's loop for far less (rl/heap.py)
         return {"rank": self.rank, "start_seconds": time.perf_counter() - t0, "pid": os.getpid()}
 
+    @property
+    def _engine_detok(self) -> bool:
+        """vLLM detokenizes token by token as it generates, in this actor's event loop; only stop strings
+        need that. Without them a turn is decoded once, at its end (1 call instead of one per token)."""
+        return self.cfg.detokenize and bool(self.cfg.stop)
+
     def _sampling_params(self, seed: int | None, max_tokens: int):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -150,7 +156,7 @@ class RolloutWorker:
         return SamplingParams(
             n=1, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k if c.top_k > 0 else 0,
             max_tokens=max_tokens, stop=list(c.stop) or None, logprobs=0, seed=seed if c.seed_requests else None,
-            output_kind=RequestOutputKind.FINAL_ONLY, skip_special_tokens=True, detokenize=c.detokenize,
+            output_kind=RequestOutputKind.FINAL_ONLY, skip_special_tokens=True, detokenize=self._engine_detok,
             include_stop_str_in_output=True, ignore_eos=c.ignore_eos,
         )
 
@@ -168,14 +174,14 @@ class RolloutWorker:
             ids += new
             logprobs += [float(step[tok].logprob) for tok, step in zip(new, comp.logprobs or [])]
             versions += [version] * len(new)
-            text += comp.text if self.cfg.detokenize else ""
+            text += comp.text if self._engine_detok else ""
             finish = comp.finish_reason or ""
             if not cut or len(ids) >= max_tokens:
                 break
             k += 1
             self.resubmitted += 1
-        if k and self.cfg.detokenize:  # one decode of the whole turn (a character may span a cut)
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if self.cfg.detokenize and (k or not self._engine_detok):  # one decode of the whole turn (a character
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)  # may span a cut)
         if len(ids) >= max_tokens and finish == "abort":
             finish = "length"
         return TurnOutput(ids, logprobs, versions, text, finish)

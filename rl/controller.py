@@ -182,7 +182,8 @@ class Controller:
         groups: dict[int, list[int]] = {}
         for i in held:
             groups.setdefault(i // n, []).append(i)
-        partial = {g: sorted(set(range(g * n, g * n + n)) - set(rows)) for g, rows in groups.items() if len(rows) < n}
+        # missing samples by their number j in the group (GroupRequest.samples), not by row index g * n + j
+        partial = {g: sorted(set(range(n)) - {i % n for i in rows}) for g, rows in groups.items() if len(rows) < n}
         lost = [g for g in range(next_group) if g not in groups and not any(g * n + j in trained for j in range(n))]
         self.requeue = [(g, missing) for g, missing in partial.items()] + [(g, list(range(n))) for g in lost]
         self.feeder.next_group = next_group

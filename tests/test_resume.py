@@ -98,3 +98,24 @@ def test_resume_without_a_checkpoint_is_refused(tmp_path, capsys):
         require_checkpoint(tmp_path, 2)
     (tmp_path / "checkpoints" / "step_4" / ".metadata").touch()
     assert require_checkpoint(tmp_path, 2).name == "step_4"
+
+
+def test_restored_budget_counts_each_group_still_to_train_once(tmp_path):
+    """Steps 0..3 of B = 2 groups trained; then group 1 held whole, group 2 held without its sample 5,
+    group 3 a lost lineage, group 4 lost in the crash, group 5 trained: the budget holds 4 * 2 trained plus
+    one slot per group still to train (1, 2 and 4), once the requeued ones (2 and 4) are submitted."""
+    from types import SimpleNamespace
+
+    recipe = load_recipe(None, [f"rollout.group_size={N}", "trainer.batch_groups=2", f"logging.run_dir={tmp_path}"])
+    ctl = Controller(recipe, tmp_path, resume=True)
+    (tmp_path / TRAINED).write_text(json.dumps({"step": 3, "trained": [0, 1, 10, 11], "dropped": []}) + "\n"
+                                    + json.dumps({"step": 4, "trained": [], "dropped": [], "lost_lineage": [6, 7]}) + "\n")
+    ctl.start_step = 4
+    ctl.store = SimpleNamespace(recovered={PARTITION: {"next_index": 12}}, held=lambda partition, consumer: [2, 3, 4])
+    ctl.feeder, ctl.prompts = SimpleNamespace(next_group=0), SimpleNamespace(drawn=0)
+    ctl._restore_rollout_state()
+    assert ctl.requeue == [(2, [1]), (4, [0, 1])]  # sample numbers within the group
+    assert ctl.feeder.next_group == ctl.prompts.drawn == 6
+    for _ in ctl.requeue:  # as Stages.start submits them
+        ctl.budget.on_submit()
+    assert ctl.budget.submitted == 4 * 2 + 3

@@ -122,10 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a recipe on this machine (or the Ray cluster in resources.ray_address)")
     run.add_argument("recipe", help="recipe YAML file")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.world_size=2")
-    run.add_argument("--run-dir", default=None, help="run directory (default: logging.run_dir or runs/<time>-<name>)")
+    run.add_argument("--run-dir", default=None, help="a new run directory; one that holds a run is refused (streamrl resume it) "
+                     "(default: logging.run_dir or runs/<time>-<name>)")
     run.set_defaults(fn=_cmd_run)
 
-    rs = sub.add_parser("resume", help="continue a killed run from its last checkpoint and its data store log")
+    rs = sub.add_parser("resume", help="continue a killed run from its last checkpoint (needs trainer.checkpoint_every) "
+                                       "and its data store log")
     rs.add_argument("run_dir")
     rs.add_argument("overrides", nargs="*", help="key=value overrides on top of the run's saved recipe")
     rs.set_defaults(fn=_cmd_resume)
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as exc:
         print(f"streamrl: recipe error: {exc}", file=sys.stderr)
         return 2
-    except (ConnectionError, FileNotFoundError, TimeoutError) as exc:
+    except (ConnectionError, FileExistsError, FileNotFoundError, TimeoutError) as exc:
         print(f"streamrl: {exc}", file=sys.stderr)
         return 1
 

@@ -29,6 +29,7 @@ from rl.schedule import Colocation, Feeder, GroupFilter, SpanCollector
 from rl.metrics import MetricsLogger, learning_summary, read_metrics
 from rl.models import load_tokenizer, resolve_model_path
 from rl.placement import Placement, describe, plan
+from rl.resume import consumed_rows, lost_lineage, refuse_existing_run, require_checkpoint
 from rl.reward_worker import WRITE_FIELDS, RewardActor
 from rl.staleness import StalenessBudget
 from rl.transport import WeightHandle, pick_transport
@@ -40,7 +41,7 @@ from trainer.group import TrainerGroup
 log = logging.getLogger(__name__)
 
 PARTITION = "train"
-TRAINED = "trained.jsonl"  # per step: the rows it trained on and the rows it dropped as too stale
+TRAINED = "trained.jsonl"  # per step: the rows it trained on and dropped as too stale (a resume: as a lost lineage)
 QUIET_ENV = {"VLLM_LOGGING_LEVEL": "ERROR", "TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "1"}
 
 
@@ -99,6 +100,11 @@ class Controller:
     # ------------------------------------------------------------------ build
     def build(self) -> None:
         r = self.recipe
+        if self.resume:  # both checks fail before anything starts
+            ckpt: Path | None = require_checkpoint(self.run_dir, r.trainer.checkpoint_every)
+        else:
+            refuse_existing_run(self.run_dir)
+            ckpt = None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not self.resume:
             (self.run_dir / "config.yaml").write_text(to_yaml(r))
@@ -109,7 +115,6 @@ class Controller:
         self.format_prompt = PromptFormatter(r.data, self.tokenizer)
         if not ray.is_initialized():
             init_ray(r)
-        ckpt = TrainerGroup.latest_checkpoint(self.run_dir) if self.resume else None
         self.start_step = _checkpoint_step(ckpt)
         if self.resume:
             self._rewind_records(self.start_step)
@@ -137,43 +142,54 @@ class Controller:
             self.version = self.trainer.load_checkpoint(ckpt)
             log.info("resumed from %s at version %d", ckpt, self.version)
         self._open_weight_channel()
+        if ckpt is not None:  # the engines loaded the base model: what they generate must be the checkpoint's
+            asyncio.run(self._sync_weights())
         self.router = RolloutRouter(self.rollouts, r.rollout.max_tokens, self.timeout)
         settle()
 
     def _rewind_records(self, step: int) -> None:
         """Resuming at `step`: forget what steps >= step did (their training was lost with the process), so
         they run again once: metrics and trained-row records are cut there, and the trainer's consumption
-        in the store's log is set back to the rows those earlier steps trained on or dropped."""
+        in the store's log is set back to the rows those earlier steps trained on or dropped, plus the
+        groups that versions after `step` helped make (a lost lineage, rl/resume.py), recorded at `step`."""
         from datastore import log as dlog
 
         kept = [rec for rec in _read_jsonl(self.run_dir / TRAINED) if rec["step"] < step]
+        done = {i for rec in kept for i in consumed_rows(rec)}
+        log_dir = self.run_dir / "datastore"
+        lost = lost_lineage(log_dir, PARTITION, step, self.recipe.rollout.group_size, done) if log_dir.exists() else []
+        if lost:
+            kept.append({"step": step, "trained": [], "dropped": [], "lost_lineage": lost})
+            log.info("resume at step %d: dropped %d logged samples that versions after %d helped make (a lineage "
+                     "lost with the crash); new groups take their place", step, len(lost), step)
         _write_jsonl(self.run_dir / TRAINED, kept)
         _write_jsonl(self.run_dir / "metrics.jsonl", [m for m in read_metrics(self.run_dir) if m["step"] < step])
-        log_dir = self.run_dir / "datastore"
         if log_dir.exists():
             consumed = dlog.read_consumed(str(log_dir))
             part = consumed.setdefault(PARTITION, {})
-            part["trainer"] = {i for rec in kept for i in rec["trained"] + rec["dropped"]}
+            part["trainer"] = done | set(lost)
             dlog.rewrite_consumed(str(log_dir), {p: {c: sorted(v) for c, v in cs.items()} for p, cs in consumed.items()})
 
     def _restore_rollout_state(self) -> None:
         """After a resume: the feeder continues after the last group in the log (group g uses prompt row g),
         groups that lost samples in the crash get just those samples again, and the budget counts what
-        is already there."""
+        is already there (groups of a lost lineage are not: new groups take their slots)."""
         n = self.recipe.rollout.group_size
         rec = self.store.recovered.get(PARTITION, {}) if self.store.recovered else {}
         next_group = -(-rec.get("next_index", 0) // n)
-        trained = {i for r in _read_jsonl(self.run_dir / TRAINED) for i in r["trained"] + r["dropped"]}
+        trained = {i for r in _read_jsonl(self.run_dir / TRAINED) for i in consumed_rows(r)}
         held = self.store.held(PARTITION, "trainer")
         groups: dict[int, list[int]] = {}
         for i in held:
             groups.setdefault(i // n, []).append(i)
-        partial = {g: sorted(set(range(g * n, g * n + n)) - set(rows)) for g, rows in groups.items() if len(rows) < n}
+        # missing samples by their number j in the group (GroupRequest.samples), not by row index g * n + j
+        partial = {g: sorted(set(range(n)) - {i % n for i in rows}) for g, rows in groups.items() if len(rows) < n}
         lost = [g for g in range(next_group) if g not in groups and not any(g * n + j in trained for j in range(n))]
         self.requeue = [(g, missing) for g, missing in partial.items()] + [(g, list(range(n))) for g in lost]
         self.feeder.next_group = next_group
         self.prompts.drawn = next_group
-        self.budget.submitted = self.start_step * self.recipe.trainer.batch_groups + len(groups) + len(lost)
+        # whole groups held; the requeued ones are counted as Stages.start submits them
+        self.budget.submitted = self.start_step * self.recipe.trainer.batch_groups + len(groups) - len(partial)
         log.info("resume: %d groups held, %d partial and %d lost groups to complete, next group %d",
                  len(groups), len(partial), len(lost), next_group)
 

@@ -1,6 +1,9 @@
 """Reward functions that misbehave on purpose, for the controller tests."""
 
+import asyncio
 import time
+
+from rl.rewards import arithmetic_exact
 
 
 def unreliable(sample):
@@ -24,3 +27,9 @@ def equal_for_even(sample):
     if a % 2 == 0:
         return 0.5
     return float(sample.index % 2)
+
+
+async def slow_exact(sample):
+    """Right answers score 1, half a second later: steps slow enough for a test to act between them."""
+    await asyncio.sleep(0.5)
+    return arithmetic_exact(sample)

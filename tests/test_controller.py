@@ -15,6 +15,7 @@ from datastore.log import read_rows
 from rl.config import load_recipe
 from rl.controller import Controller, TRAINED
 from rl.metrics import read_metrics
+from trainer.checkpoint import latest_checkpoint
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).parent
@@ -83,29 +84,69 @@ def test_dynamic_sampling_keeps_batches_full(ray_session, tiny_model, tmp_path):
             assert len(rewards) > 1  # no signal-free group reached the trainer
 
 
+def newest_version(row):
+    """The newest policy version that made any token of a logged sample (its `version` is the oldest's)."""
+    return max([row["version"], *(row["token_versions"] or [])])
+
+
+def checkpoint_step(run_dir):
+    ckpt = latest_checkpoint(run_dir)
+    return None if ckpt is None else int(ckpt.name.split("_")[1])
+
+
+def lineage_to_lose(run_dir):
+    """Mid-run, with a checkpoint S, and samples in the log that versions after S helped make."""
+    step = checkpoint_step(run_dir)
+    return (step is not None and len(read_metrics(run_dir)) >= 5
+            and any(newest_version(r) > step for r in logged_rows(run_dir)))
+
+
 def test_kill_driver_then_resume(tiny_model, tmp_path):
-    run_dir = tmp_path / "k"
+    """kill -9 of the driver mid-run, then `streamrl resume`: every step once, every sample trained at most
+    once and within eta of its step across the restart; finished samples of the checkpoint's lineage are
+    trained (not made again), samples that versions after the checkpoint helped make never are."""
+    run_dir, eta, n = tmp_path / "k", 1, 4
     cmd = [sys.executable, "-m", "rl.cli", "run", "recipes/cpu_default.yaml",
-           *overrides(tiny_model, run_dir, "trainer.total_steps=10", "trainer.checkpoint_every=2")]
+           *overrides(tiny_model, run_dir, "trainer.total_steps=10", "trainer.checkpoint_every=4", f"algorithm.eta={eta}",
+                     f"reward.fn={HERE / 'flaky_reward.py'}:slow_exact")]  # slow: the kill lands between checkpoints
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 400
-    while len(read_metrics(run_dir)) < 5:
+    while not lineage_to_lose(run_dir):
         assert proc.poll() is None, "the run ended before it could be killed"
         assert time.time() < deadline, "the run made no progress"
         time.sleep(0.5)
     os.kill(proc.pid, signal.SIGKILL)  # the driver dies mid-run, with no chance to clean up
     proc.wait(timeout=60)
     time.sleep(5)  # Ray reaps the dead driver's actors
+    start = checkpoint_step(run_dir)
+    before = {r["index"]: r for r in logged_rows(run_dir)}
+    done = {i for rec in trained_steps(run_dir) if rec["step"] < start for i in rec["trained"] + rec["dropped"]}
+    lost_groups = {i // n for i, r in before.items() if newest_version(r) > start}
+    lost = {i for i in before if i // n in lost_groups}
+    waiting = set(before) - done - lost  # finished, untrained, made by the checkpoint's ancestors
+    assert lost and waiting
+
     out = subprocess.run([sys.executable, "-m", "rl.cli", "resume", str(run_dir)], capture_output=True, text=True,
                          timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "resumed at step" in out.stdout
+    assert f"resumed at step {start}" in out.stdout
     steps = [m["step"] for m in read_metrics(run_dir)]
     assert steps == list(range(10))  # every step once: none lost, none repeated
-    trained = [i for rec in trained_steps(run_dir) for i in rec["trained"]]
+    records = trained_steps(run_dir)
+    trained = [i for rec in records for i in rec["trained"]]
     assert len(trained) == len(set(trained)) == 10 * 16  # no sample trained twice
-    logged = {r["index"] for r in logged_rows(run_dir)}
-    assert set(trained) <= logged  # every trained sample is in the rollout log
+    after = {r["index"]: r for r in logged_rows(run_dir)}
+    assert set(trained) <= set(after)  # every trained sample is in the rollout log
+    for rec in records:
+        for i in rec["trained"]:  # the staleness rule held across the restart, on every token
+            assert 0 <= rec["step"] - after[i]["version"] <= eta and newest_version(after[i]) <= rec["step"], (rec, i)
+    later = {i for rec in records if rec["step"] >= start for i in rec["trained"] + rec["dropped"]}
+    assert waiting <= later and waiting & set(trained)  # reused ...
+    assert all(after[i]["_logged_at"] == before[i]["_logged_at"] for i in waiting | lost)  # ... not made again
+    assert not lost & set(trained)
+    assert {i for rec in records for i in rec.get("lost_lineage", [])} == lost
+    new = [r for i, r in after.items() if i not in before]
+    assert new and all(r["version"] >= start for r in new)  # the engines restarted on the checkpoint's weights
 
 
 def test_colocated_sync_mode_time_shares(ray_session, tiny_model, tmp_path):

@@ -1,4 +1,4 @@
-from rl.staleness import StalenessBudget
+from rl.staleness import StalenessBudget, last_trainable_step, newest_trainable, oldest_trainable, trainable
 
 
 def test_sync_eta0_allows_one_batch_per_version():
@@ -46,3 +46,19 @@ def test_rule_bounds_every_group_start_version():
             assert g < (v + eta + 1) * B
             b.on_submit()
             b.on_finish()
+
+
+def test_rule_bounds_a_sample_from_both_sides():
+    eta = 2
+    assert oldest_trainable(5, eta) == 3 and newest_trainable(5) == 5
+    assert [v for v in range(-1, 9) if trainable(v, 5, eta)] == [3, 4, 5]  # 6..8: made by a lost lineage
+    assert [v for v in range(3) if trainable(v, 0, 0)] == [0]  # eta = 0: on-policy only
+
+
+def test_admission_and_consumption_use_the_same_bound():
+    """The last step admission plans for is the last step consumption accepts, for every version."""
+    for eta in range(4):
+        for v in range(6):
+            steps = [s for s in range(20) if trainable(v, s, eta)]
+            assert steps == list(range(v, last_trainable_step(v, eta) + 1))
+            assert all(oldest_trainable(s, eta) <= v for s in steps)

@@ -29,6 +29,7 @@ from datastore.client import DataStore
 from datastore.controller import Take
 from rl.config import Recipe, trainer_memory_fraction
 from rl.heap import settle
+from rl.staleness import oldest_trainable, trainable
 from rl.transport import ChannelSpec, WeightHandle
 from rl.waits import WaitTimeout
 from trainer import checkpoint
@@ -88,11 +89,11 @@ class TrainerWorker:
     # ------------------------------------------------------------------ step
     def _claim(self, step: int) -> tuple[Take, list[int]]:
         """Rank 0 drops groups past the staleness bound, then claims B whole groups of version >=
-        step - eta from the store; every rank learns the claim. Returns it and the rows dropped."""
+        oldest_trainable(step) from the store; every rank learns the claim. Returns it and the rows dropped."""
         n = self.recipe.rollout.group_size
         box: list[Any] = [None]
         if self.rank == 0:
-            floor = step - self.recipe.algorithm.eta
+            floor = oldest_trainable(step, self.recipe.algorithm.eta)
             dropped = self.store.discard(CONSUMER, self.partition, {"version": ("<", floor)}, group_size=n)
             fields = TRAIN_FIELDS + (["accepted"] if self.recipe.algorithm.dynamic_sampling else [])
             take = self.store.take(CONSUMER, self.partition, fields, self.recipe.trainer.batch_groups * n,
@@ -123,8 +124,9 @@ class TrainerWorker:
         t0 = time.perf_counter()
         take, dropped = self._claim(step)
         t_wait = time.perf_counter() - t0
-        table = self.store.fetch(self.partition, self._my_share(take), TRAIN_FIELDS)
-        columns = table.to_pydict()
+        share = self._my_share(take)
+        columns = self.store.fetch(self.partition, share, TRAIN_FIELDS).to_pydict()
+        _check_trainable(columns["version"], share.indexes, step, self.recipe.algorithm.eta)
         m = self.engine.train(samples_from_columns(columns), step)
         self.version = self.engine.version
         m["time/wait_batch_s"] = t_wait
@@ -239,6 +241,18 @@ class TrainerWorker:
             self.sender.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _check_trainable(versions: list[int], indexes: list[int], step: int, eta: int) -> None:
+    """The consumption side of the whole staleness rule, on each rank's share before it trains: the claim's
+    filter bounds versions from below only, and a version newer than the step means samples of a lineage
+    lost with a crash reached the trainer (a resume drops them first: rl/resume.py)."""
+    bad = {i: v for i, v in zip(indexes, versions) if not trainable(v, step, eta)}
+    if bad:
+        raise RuntimeError(f"step {step} was given samples outside the staleness rule (versions {step - eta}..{step}): "
+                           f"rows {dict(list(bad.items())[:8])} (row: version). Versions above {step} come from "
+                           f"a run that crashed after this run's checkpoint; resume with `streamrl resume RUN_DIR`, "
+                           f"which drops them, or start a fresh run directory")
 
 
 TrainerActor = ray.remote(num_cpus=1)(TrainerWorker)

@@ -179,7 +179,10 @@ class AlgorithmConfig:
 @dataclass
 class RewardConfig:
     fn: str = "rl.rewards:arithmetic_exact"  # module:function or path/to/file.py:function
-    num_workers: int = 1  # reward actors
+    num_workers: int = 1  # reward actors (none when inline)
+    inline: bool = False  # score each sample in its rollout worker as it finishes and store it with its reward: no
+    #                       reward actors, no store round trip (for cheap functions; a slow or CPU-heavy one
+    #                       belongs in reward workers, where it cannot slow generation)
     timeout_s: float = 10.0  # per call; a call past it is reported and scored error_score
     error_score: float = 0.0  # score given when the function raises, times out or returns garbage
     batched: bool = False  # the function takes a list of samples and returns a list of scores

@@ -73,7 +73,7 @@ def spawn_rollout_workers(r: Recipe, model_path: str, store: DataStore, device: 
     return [RolloutActor.options(num_gpus=where.gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(where.pg, b))
             .remote(i, model_path, r.rollout, store, PARTITION, r.model.dtype, device, r.seed,
                     r.resources.wait_timeout_s, sleep_mode=r.resources.placement == "timeshare",
-                    visible_devices=where.devices_of(i)) for i, b in enumerate(where.bundles)]
+                    visible_devices=where.devices_of(i), reward=r.reward) for i, b in enumerate(where.bundles)]
 
 
 class Controller:
@@ -118,8 +118,11 @@ class Controller:
         self.start_step = _checkpoint_step(ckpt)
         if self.resume:
             self._rewind_records(self.start_step)
-        required = ["reward", "trainer"] + (["filter"] if r.algorithm.dynamic_sampling else [])
-        r.datastore.required_consumers = sorted(set(r.datastore.required_consumers) | set(required))
+        required = ["trainer"] + ([] if r.reward.inline else ["reward"]) + (["filter"] if r.algorithm.dynamic_sampling else [])
+        consumers = set(r.datastore.required_consumers) | set(required)
+        if r.reward.inline:  # nobody takes rows as "reward": waiting for it would keep every row in memory
+            consumers.discard("reward")
+        r.datastore.required_consumers = sorted(consumers)
         self.store = DataStore.from_config(r.datastore, tag_fields=["version"], timeout_s=self.timeout,
                                            declared_fields=SAMPLE_FIELDS + WRITE_FIELDS + ["accepted"] * r.algorithm.dynamic_sampling,
                                            run_dir=self.run_dir)
@@ -127,7 +130,8 @@ class Controller:
         log.info("placement: %s", describe(found))
         self.engine_pg = engines_at.pg
         self.rollouts = spawn_rollout_workers(r, self.model_path, self.store, self.device, engines_at)
-        self.rewarders = [RewardActor.remote(i, r.reward, self.store, PARTITION) for i in range(r.reward.num_workers)]
+        self.rewarders = [] if r.reward.inline else \
+            [RewardActor.remote(i, r.reward, self.store, PARTITION) for i in range(r.reward.num_workers)]
         self.trainer = TrainerGroup(r, self.model_path, self.store, PARTITION, self.device, run_dir=self.run_dir,
                                     placement=trainer_at)
         engines = [w.start.remote() for w in self.rollouts]
@@ -432,7 +436,8 @@ class Stages:
         ctl, now = self.ctl, time.time()
         dt = max(now - self.last["t"], 1e-9)
         rollout = await await_([w.stats.remote() for w in ctl.rollouts], ctl.timeout, "stats", "rollout workers")
-        rewards = await await_([w.stats.remote() for w in ctl.rewarders], ctl.timeout, "stats", "reward workers")
+        rewards = await await_([w.stats.remote() for w in ctl.rewarders], ctl.timeout, "stats", "reward workers") \
+            if ctl.rewarders else [s["reward"] for s in rollout]  # reward.inline: the rollout workers scored
         await self.spans.collect()
         tokens = sum(s["tokens_out"] for s in rollout)
         gc_s = max(s.get("gc_seconds", 0.0) for s in rollout)

@@ -17,7 +17,7 @@ import ray
 
 from datastore.client import DataStore
 from rl.config import RewardConfig
-from rl.rewards import Sample, make_reward_caller
+from rl.rewards import Sample, Scored, make_reward_caller
 
 log = logging.getLogger(__name__)
 
@@ -26,17 +26,44 @@ WRITE_FIELDS = ["reward", "reward_info"]
 CONSUMER = "reward"
 
 
+class RewardTally:
+    """What the scored samples add up to (the `reward/*` metrics): kept by a reward worker, or by a rollout
+    worker that scores inline (`reward.inline`)."""
+
+    def __init__(self) -> None:
+        self.scored = 0
+        self.errors = 0
+        self.score_sum = 0.0
+        self.extras: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # name -> [sum, count]
+        self.recent_errors: list[dict[str, Any]] = []
+
+    def add(self, samples: list[Sample], results: list[Scored]) -> dict[str, list[Any]]:
+        """Count the results; returns the columns to store (`WRITE_FIELDS`)."""
+        self.scored += len(results)
+        self.errors += sum(1 for s in results if s.error)
+        self.score_sum += sum(float(s.score) for s in results)
+        for sample, s in zip(samples, results):
+            for k, v in s.extras.items():
+                self.extras[k][0] += v
+                self.extras[k][1] += 1
+            if s.error:
+                self.recent_errors = (self.recent_errors + [{"index": sample.index, "prompt": sample.prompt[:200],
+                                                             "response": sample.response[:200], "error": s.error}])[-20:]
+        return {"reward": [float(s.score) for s in results],
+                "reward_info": [json.dumps({"error": s.error, **s.extras}) if (s.error or s.extras) else "" for s in results]}
+
+    def stats(self) -> dict[str, Any]:
+        return {"scored": self.scored, "errors": self.errors, "score_sum": self.score_sum,
+                "extras": {k: list(v) for k, v in self.extras.items()}, "recent_errors": list(self.recent_errors)}
+
+
 class RewardWorker:
     def __init__(self, rank: int, cfg: RewardConfig, store: DataStore, partition: str, batch: int = 64) -> None:
         self.rank, self.cfg, self.store, self.partition, self.batch = rank, cfg, store, partition, batch
         self.caller = make_reward_caller(cfg)
         self.stopping = False
-        self.scored = 0
-        self.errors = 0
+        self.tally = RewardTally()
         self.busy_s = 0.0
-        self.score_sum = 0.0
-        self.extras: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # name -> [sum, count]
-        self.recent_errors: list[dict[str, Any]] = []
         self.spans: list[dict[str, Any]] = []
 
     async def run(self) -> dict[str, Any]:
@@ -48,20 +75,9 @@ class RewardWorker:
             t0 = time.perf_counter()
             table = await self.store.afetch(self.partition, take, READ_FIELDS)
             rows = table.to_pylist()
-            results = await self.caller.score_many([_sample(r) for r in rows])
-            info = [json.dumps({"error": s.error, **s.extras}) if (s.error or s.extras) else "" for s in results]
-            await self.store.aput(self.partition, [r["index"] for r in rows],
-                                  {"reward": [float(s.score) for s in results], "reward_info": info})
-            self.scored += len(rows)
-            self.errors += sum(1 for s in results if s.error)
-            self.score_sum += sum(float(s.score) for s in results)
-            for r, s in zip(rows, results):
-                for k, v in s.extras.items():
-                    self.extras[k][0] += v
-                    self.extras[k][1] += 1
-                if s.error:
-                    self.recent_errors = (self.recent_errors + [{"index": r["index"], "prompt": r["prompt"][:200],
-                                                                 "response": r["response"][:200], "error": s.error}])[-20:]
+            samples = [_sample(r) for r in rows]
+            results = await self.caller.score_many(samples)
+            await self.store.aput(self.partition, [r["index"] for r in rows], self.tally.add(samples, results))
             self.busy_s += time.perf_counter() - t0
             self.spans.append({"kind": "reward", "start": time.time() - (time.perf_counter() - t0), "end": time.time()})
         return await self.stats()
@@ -74,9 +90,7 @@ class RewardWorker:
         self.stopping = True
 
     async def stats(self) -> dict[str, Any]:
-        return {"rank": self.rank, "scored": self.scored, "errors": self.errors, "busy_s": self.busy_s,
-                "score_sum": self.score_sum, "extras": {k: list(v) for k, v in self.extras.items()},
-                "recent_errors": list(self.recent_errors)}
+        return {"rank": self.rank, "busy_s": self.busy_s, **self.tally.stats()}
 
 
 def _sample(r: dict[str, Any]) -> Sample:

@@ -28,9 +28,11 @@ from typing import Any
 import ray
 
 from datastore.client import DataStore
-from rl.config import RolloutConfig
+from rl.config import RewardConfig, RolloutConfig
 from rl.heap import GcClock, settle
 from rl.plugins import load_function
+from rl.reward_worker import WRITE_FIELDS, RewardTally
+from rl.rewards import Sample, make_reward_caller
 from rollout.agent import TurnOutput, run_episode
 from rl.transport import ChannelSpec, WeightHandle
 from rl.waits import await_
@@ -77,10 +79,12 @@ def engine_env(cfg: RolloutConfig, device: str) -> dict[str, str]:
 class RolloutWorker:
     def __init__(self, rank: int, model_path: str, cfg: RolloutConfig, store: DataStore, partition: str,
                  dtype: str = "float32", device: str = "cpu", seed: int = 0, timeout_s: float = 300.0,
-                 sleep_mode: bool = False, visible_devices: list[str] | None = None) -> None:
+                 sleep_mode: bool = False, visible_devices: list[str] | None = None,
+                 reward: RewardConfig | None = None) -> None:
         """`sleep_mode`: the engine sleeps while a trainer uses its GPUs (placement timeshare).
         `visible_devices`: the GPUs of a tensor-parallel engine that shares them with trainer ranks (Ray gives
-        this actor one; its vLLM workers need all of them)."""
+        this actor one; its vLLM workers need all of them). `reward` with `inline`: each sample is scored
+        here as it finishes and stored with its reward (`reward.inline`)."""
         self.rank, self.model_path, self.cfg, self.store, self.partition = rank, model_path, cfg, store, partition
         self.sleep_mode, self.visible_devices = sleep_mode, visible_devices
         self.dtype, self.device, self.seed, self.timeout_s = dtype, device, seed, timeout_s
@@ -107,6 +111,10 @@ class RolloutWorker:
         self.events: list[dict] = []  # (kind, start, end) activity spans for the timeline
         self.busy_since: float | None = None
         self.gc = GcClock()
+        inline = reward is not None and reward.inline
+        self.reward = make_reward_caller(reward) if inline else None
+        self.tally = RewardTally()
+        self.fields = SAMPLE_FIELDS + (WRITE_FIELDS if inline else [])
 
     async def start(self) -> dict[str, Any]:
         """Build the engine; returns how long that took."""
@@ -230,6 +238,10 @@ class RolloutWorker:
             "finish_reason": ep.finish_reason, "row": req.row, "worker": self.rank,
             "gen_seconds": time.perf_counter() - t0, "turns": ep.turns,
         }
+        if self.reward is not None:  # reward.inline: scored here, stored with the sample
+            sample = Sample(prompt=req.prompt, response=ep.text, prompt_ids=row["prompt_ids"],
+                            response_ids=ep.response_ids, row=row_fields, index=index, finish_reason=ep.finish_reason)
+            row.update({k: v[0] for k, v in self.tally.add([sample], [await self.reward.score(sample)]).items()})
         await self._put(index, row)
         self.tokens_out += int(sum(ep.loss_mask))
         self.samples_out += 1
@@ -252,7 +264,7 @@ class RolloutWorker:
             batch, self.pending = self.pending, []
             try:
                 await self.store.aput(self.partition, [i for i, _, _ in batch],
-                                      {k: [r[k] for _, r, _ in batch] for k in SAMPLE_FIELDS})
+                                      {k: [r[k] for _, r, _ in batch] for k in self.fields})
             except BaseException as exc:  # the waiting samples see the error
                 for _, _, done in batch:
                     done.set_exception(exc)
@@ -422,7 +434,8 @@ class RolloutWorker:
     async def stats(self) -> dict[str, Any]:
         return {"rank": self.rank, "version": self.version, "inflight": self.inflight,
                 "tokens_out": self.tokens_out, "samples_out": self.samples_out, "cached_tokens": self.cached_tokens,
-                "resubmitted": self.resubmitted, "gc_seconds": self.gc.seconds, "gc_full": self.gc.full}
+                "resubmitted": self.resubmitted, "gc_seconds": self.gc.seconds, "gc_full": self.gc.full,
+                "reward": self.tally.stats()}
 
     async def shutdown(self) -> None:
         if self.engine is not None:

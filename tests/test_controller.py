@@ -45,11 +45,12 @@ def logged_rows(run_dir):
     return read_rows(str(Path(run_dir) / "datastore"), "train").to_pylist()
 
 
-def test_bound_holds_for_every_sample_and_bad_rewards_do_not_stop_the_run(ray_session, tiny_model, tmp_path):
+@pytest.mark.parametrize("inline", [False, True], ids=["reward-workers", "reward-inline"])
+def test_bound_holds_for_every_sample_and_bad_rewards_do_not_stop_the_run(ray_session, tiny_model, tmp_path, inline):
     eta = 2
     records = run(tiny_model, tmp_path / "r", "trainer.total_steps=6", f"algorithm.eta={eta}",
                   f"reward.fn={HERE / 'flaky_reward.py'}:unreliable", "reward.timeout_s=0.5",
-                  "data.arithmetic.max_value=49")
+                  "data.arithmetic.max_value=49", f"reward.inline={str(inline).lower()}")
     assert len(records) == 6
     version = {r["index"]: r["version"] for r in logged_rows(tmp_path / "r")}
     token_versions = {r["index"]: r["token_versions"] for r in logged_rows(tmp_path / "r")}

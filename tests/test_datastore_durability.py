@@ -2,7 +2,10 @@
 killed, no clean close) a store created on the same log recovers every finished row, and the trainer
 never gets a row twice across the restart. A storage unit killed mid-run is reported by name."""
 
+import time
+
 import pyarrow as pa
+
 import pytest
 import ray
 
@@ -58,12 +61,25 @@ def test_restart_recovers_finished_rows_and_the_trainer_never_gets_one_twice(ray
     assert pa.ipc.open_stream(pa.OSFile(str(seg))).read_all().column_names == ["index", *FIELDS, dlog.LOGGED_AT]
 
 
+def wait_dead(actor, timeout_s: float = 30.0) -> None:
+    """Until calls to `actor` fail (it is dead), at most `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.ping.remote(), timeout=5)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"actor still answers {timeout_s} s after ray.kill")
+
+
 def test_a_killed_storage_unit_is_named_and_a_restart_recovers_its_rows(ray_session, tmp_path):
     log_dir = tmp_path / "datastore"
     a = DataStore.create(2, log_dir=log_dir, **KW)
     a.put("train", list(range(8)), {"x": list(range(8)), "version": [3] * 8, "r": [0.5] * 8})
     take = a.take("trainer", "train", ["x"], 2, timeout=5)
     ray.kill(a.units[1], no_restart=True)
+    wait_dead(a.units[1])  # ray.kill returns before the actor is gone: a fetch right after could still reach it
     with pytest.raises(StoreActorDied, match=r"(?s)storage unit 1 \(of 2\) died .*DataStore.create\(\.\.\., log_dir"):
         a.fetch("train", take, ["x"], timeout=10)
     with pytest.raises(StoreActorDied, match=r"storage unit 1 \(of 2\)"):

@@ -7,7 +7,9 @@ its worker, the worker waiting for the next step) spin on `sched_yield` for a se
 they sleep on a socket. Two processes spinning take the cores a trainer on the same machine needs (measured
 on 2 cores: the engine's two processes spent 60% and 36% of their CPU in `sched_yield`). With this set, each
 turn of that spin sleeps this long instead: a few microseconds of CPU per turn, at most this much latency per
-message. (Shortening the spin instead is no good: the socket wake-ups it falls back to can be lost, and a
+message. The rollout worker's default on CPU is 3 ms (the CPU default's step, 200 steps each: 0.29 s at
+0.1 ms, 0.24 s at 1 ms, 0.21 s at 3 ms; generation runs ahead of training there, so its extra latency is
+hidden; at eta 0 it is not, and a smaller value may suit). (Shortening the spin instead is no good: the socket wake-ups it falls back to can be lost, and a
 lost one costs seconds.) The rollout worker sets it on CPU (docs/benchmarks.md, "CPU step").
 """
 

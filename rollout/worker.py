@@ -70,7 +70,7 @@ def engine_env(cfg: RolloutConfig, device: str) -> dict[str, str]:
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"))
         # the engine's processes sleep between steps instead of spinning (rollout/vllm_plugin.py)
         env["OMP_NUM_THREADS"] = str(cfg.cpu_threads)
-        env["STREAMRL_VLLM_SPIN_SLEEP_S"] = os.environ.get("STREAMRL_VLLM_SPIN_SLEEP_S", "0.0001")
+        env["STREAMRL_VLLM_SPIN_SLEEP_S"] = os.environ.get("STREAMRL_VLLM_SPIN_SLEEP_S", "0.003")
     else:
         env["VLLM_USE_FLASHINFER_SAMPLER"] = os.environ.get("VLLM_USE_FLASHINFER_SAMPLER", "0")
     return env

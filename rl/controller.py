@@ -23,7 +23,7 @@ import ray
 
 from datastore.client import DataStore
 from rl.config import Recipe, RecipeError, load_recipe, resolve_run_dir, to_yaml
-from rl.data import PromptFormatter, PromptStream, row_to_json, synthetic_task
+from rl.data import PromptFormatter, PromptStream, synthetic_task
 from rl.heap import settle
 from rl.schedule import Colocation, Feeder, GroupFilter, SpanCollector
 from rl.metrics import MetricsLogger, learning_summary, read_metrics
@@ -35,8 +35,9 @@ from rl.staleness import StalenessBudget
 from rl.transport import WeightHandle, pick_transport
 from rl.waits import WaitTimeout, await_, wait
 from rollout.router import RolloutRouter
-from rollout.worker import SAMPLE_FIELDS, GroupRequest, RolloutActor
+from rollout.worker import SAMPLE_FIELDS, RolloutActor
 from trainer.group import TrainerGroup
+from trainer.worker import StepResult
 
 log = logging.getLogger(__name__)
 
@@ -190,10 +191,9 @@ class Controller:
         partial = {g: sorted(set(range(n)) - {i % n for i in rows}) for g, rows in groups.items() if len(rows) < n}
         lost = [g for g in range(next_group) if g not in groups and not any(g * n + j in trained for j in range(n))]
         self.requeue = [(g, missing) for g, missing in partial.items()] + [(g, list(range(n))) for g in lost]
-        self.feeder.next_group = next_group
-        self.prompts.drawn = next_group
+        self.feeder.resume_at(next_group)
         # whole groups held; the requeued ones are counted as Stages.start submits them
-        self.budget.submitted = self.start_step * self.recipe.trainer.batch_groups + len(groups) - len(partial)
+        self.budget.restore(self.start_step * self.recipe.trainer.batch_groups + len(groups) - len(partial))
         log.info("resume: %d groups held, %d partial and %d lost groups to complete, next group %d",
                  len(groups), len(partial), len(lost), next_group)
 
@@ -288,8 +288,9 @@ class Controller:
                     if deferred is not None:  # the last step's record, written while this step trains
                         records.append(await self._log_step(metrics, *deferred))
                         deferred = None
-                    m = await self._train_or_fail(step, stages, train)
-                self._record_trained(step, m)
+                    result = await self._train_or_fail(step, stages, train)
+                self._record_trained(step, result)
+                m = result.metrics
                 with metrics.phase("sync", actor="trainer"):
                     m.update(await self._sync_weights())
                 if self.colocation.enabled:
@@ -333,9 +334,9 @@ class Controller:
                                   r.algorithm.dynamic_sampling_max_drops or 20 * r.trainer.batch_groups)
         return Stages(self, metrics, gfilter)
 
-    def _record_trained(self, step: int, m: dict[str, Any]) -> None:
+    def _record_trained(self, step: int, result: StepResult) -> None:
         """Which rows the step trained on and dropped (as too stale): the resume record, one line a step."""
-        trained, dropped = m.pop("_trained", []), m.pop("_dropped", [])
+        trained, dropped = result.trained, result.dropped
         self.budget.on_drop(len(dropped) // self.recipe.rollout.group_size)
         with open(self.run_dir / TRAINED, "a") as f:
             f.write(json.dumps({"step": step, "trained": trained, "dropped": dropped}) + "\n")
@@ -362,7 +363,7 @@ class Controller:
             out = await asyncio.to_thread(self.trainer.export_hf, self.run_dir / "final_model")
             log.info("final model: %s", out)
 
-    async def _train_or_fail(self, step: int, stages: "Stages", train: asyncio.Future) -> dict[str, Any]:
+    async def _train_or_fail(self, step: int, stages: "Stages", train: asyncio.Future) -> StepResult:
         """The train step's result, unless a background stage fails first: then its error is the one raised."""
         while True:
             done, _ = await asyncio.wait({train}, timeout=1.0)
@@ -406,20 +407,10 @@ class Stages:
         ctl = self.ctl
         self.reward_refs = [w.run.remote() for w in ctl.rewarders]
         for g, missing in ctl.requeue:
-            ctl.budget.on_submit()
-            ctl.feeder.tasks.add(asyncio.create_task(ctl.feeder._one(await self._request(g, missing))))
+            ctl.feeder.requeue(g, missing)
         self.tasks.append(asyncio.create_task(ctl.feeder.run()))
         if self.gfilter is not None:
             self.tasks.append(asyncio.create_task(self.gfilter.run()))
-
-    async def _request(self, group: int, samples: list[int]) -> GroupRequest:
-        """A group's request rebuilt from its prompt row (for samples lost in a crash)."""
-        ctl = self.ctl
-        row = ctl.prompts._row_at(group)
-        prompt = ctl.format_prompt(row)
-        ids = ctl.tokenizer(prompt, add_special_tokens=not ctl.recipe.data.chat_template)["input_ids"]
-        return GroupRequest(group=group, prompt=prompt, prompt_ids=ids, row=row_to_json(row),
-                            n=ctl.recipe.rollout.group_size, samples=samples)
 
     def error(self) -> tuple[str, BaseException] | None:
         if self.ctl.feeder.error is not None:

@@ -98,7 +98,8 @@ class PromptStream:
         self.task = synthetic_task(cfg)
         self._rows = None if self.task is not None else read_prompt_file(cfg.source, cfg.prompt_key)
 
-    def _row_at(self, i: int) -> dict:
+    def row_at(self, i: int) -> dict:
+        """Row i of the stream (group i's prompt), wherever the stream is."""
         if self.task is not None:
             return self.task.rows(1, seed=hash((self.seed, i)) & 0x7FFFFFFF)[0]
         assert self._rows is not None
@@ -109,9 +110,13 @@ class PromptStream:
         return dict(self._rows[order[pos]])
 
     def take(self, n: int) -> list[dict]:
-        out = [self._row_at(self.drawn + k) for k in range(n)]
+        out = [self.row_at(self.drawn + k) for k in range(n)]
         self.drawn += n
         return out
+
+    def seek(self, i: int) -> None:
+        """Continue from row i (a resume)."""
+        self.drawn = i
 
     def __iter__(self) -> Iterator[dict]:
         while True:

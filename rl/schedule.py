@@ -43,21 +43,12 @@ class Feeder:
         self.next_group = 0
 
     async def run(self) -> None:
-        n = self.recipe.rollout.group_size
-        add_special = not self.recipe.data.chat_template
         try:
             while True:
                 for _ in range(self.budget.capacity(self.version())):
                     group = self.next_group
                     self.next_group += 1
-                    self.budget.on_submit()
-                    row = self.prompts.take(1)[0]
-                    prompt = self.fmt(row)
-                    ids = self.tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
-                    req = GroupRequest(group=group, prompt=prompt, prompt_ids=ids, row=row_to_json(row), n=n)
-                    task = asyncio.create_task(self._one(req))
-                    self.tasks.add(task)
-                    task.add_done_callback(self.tasks.discard)
+                    self._submit(self._request(group, self.prompts.take(1)[0]))
                 self.wake.clear()
                 await self.wake.wait()
         except asyncio.CancelledError:
@@ -65,6 +56,28 @@ class Feeder:
         except BaseException as exc:
             self.error = exc
             raise
+
+    def resume_at(self, next_group: int) -> None:
+        """A resume: new groups continue after the last one in the store's log (group g uses prompt row g)."""
+        self.next_group = next_group
+        self.prompts.seek(next_group)
+
+    def requeue(self, group: int, samples: list[int]) -> None:
+        """Start the listed samples (their numbers in the group) of an earlier group again: samples a
+        crash lost. Takes a budget slot like a new group."""
+        self._submit(self._request(group, self.prompts.row_at(group), samples))
+
+    def _request(self, group: int, row: dict, samples: list[int] | None = None) -> GroupRequest:
+        prompt = self.fmt(row)
+        ids = self.tokenizer(prompt, add_special_tokens=not self.recipe.data.chat_template)["input_ids"]
+        return GroupRequest(group=group, prompt=prompt, prompt_ids=ids, row=row_to_json(row),
+                            n=self.recipe.rollout.group_size, samples=samples)
+
+    def _submit(self, req: GroupRequest) -> None:
+        self.budget.on_submit()
+        task = asyncio.create_task(self._one(req))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def _one(self, req: GroupRequest) -> None:
         try:

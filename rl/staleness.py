@@ -58,6 +58,10 @@ class StalenessBudget:
             cap = min(cap, self.max_running - self.running)
         return max(cap, 0)
 
+    def restore(self, submitted: int) -> None:
+        """A resume: the groups already started and not given back (trained steps' and those held)."""
+        self.submitted = submitted
+
     def on_submit(self, n: int = 1) -> None:
         self.submitted += n
         self.running += n

@@ -112,10 +112,10 @@ def test_restored_budget_counts_each_group_still_to_train_once(tmp_path):
                                     + json.dumps({"step": 4, "trained": [], "dropped": [], "lost_lineage": [6, 7]}) + "\n")
     ctl.start_step = 4
     ctl.store = SimpleNamespace(recovered={PARTITION: {"next_index": 12}}, held=lambda partition, consumer: [2, 3, 4])
-    ctl.feeder, ctl.prompts = SimpleNamespace(next_group=0), SimpleNamespace(drawn=0)
+    ctl.feeder = SimpleNamespace(next_group=0, resume_at=lambda g: setattr(ctl.feeder, "next_group", g))
     ctl._restore_rollout_state()
     assert ctl.requeue == [(2, [1]), (4, [0, 1])]  # sample numbers within the group
-    assert ctl.feeder.next_group == ctl.prompts.drawn == 6
+    assert ctl.feeder.next_group == 6
     for _ in ctl.requeue:  # as Stages.start submits them
         ctl.budget.on_submit()
     assert ctl.budget.submitted == 4 * 2 + 3

@@ -60,7 +60,7 @@ class Run:
         out = []
         for step in steps:
             put_step(self.store, step)
-            out.append(asyncio.run(self.group.train_step(step)))
+            out.append(asyncio.run(self.group.train_step(step)).metrics)
             if self.every and (step + 1) % self.every == 0:
                 asyncio.run(self.group.start_checkpoint())  # written in the background while training goes on
         return out

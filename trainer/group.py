@@ -24,7 +24,7 @@ from rl.placement import Placement
 from rl.transport import ChannelSpec, WeightHandle
 from rl.waits import PeerDied, WaitTimeout, await_, reserve, wait
 from trainer import checkpoint
-from trainer.worker import TrainerActor
+from trainer.worker import StepResult, TrainerActor
 
 SETTLE_S = 3.0  # after one rank fails, how long the others get to report (a death outranks its echoes)
 
@@ -139,8 +139,8 @@ class TrainerGroup:
         addr, port = wait(self.ranks[0].address.remote(), self.timeout, "its address", "trainer rank 0")
         return self._all([r.setup.remote(addr, port) for r in self.ranks], "process-group setup and model load")
 
-    async def train_step(self, step: int) -> dict[str, float]:
-        """One step on every rank; rank 0's metrics (already global). Starts a checkpoint when one is due."""
+    async def train_step(self, step: int) -> StepResult:
+        """One step on every rank; rank 0's result (its metrics are already global)."""
         refs = [r.train_step.remote(step) for r in self.ranks]
         out = await self._all_async(refs, f"training step {step}", self.timeout * 2)
         return out[0]

@@ -18,6 +18,7 @@ import os
 import socket
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -47,6 +48,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
+
+
+@dataclass
+class StepResult:
+    """A train step's answer to the controller: the global metrics, and (rank 0) the rows it trained on
+    and the rows it dropped as too stale, which the controller records for a resume."""
+
+    metrics: dict[str, Any]
+    trained: list[int] = field(default_factory=list)
+    dropped: list[int] = field(default_factory=list)
 
 
 class TrainerWorker:
@@ -116,9 +127,9 @@ class TrainerWorker:
         keep = [k for k, i in enumerate(take.indexes) if i // n in mine]
         return Take([take.indexes[k] for k in keep], [take.units[k] for k in keep])
 
-    def train_step(self, step: int) -> dict[str, float]:
+    def train_step(self, step: int) -> StepResult:
         """One optimizer step (or `trainer.mini_batches` of them) on the next batch; every rank must call
-        it. Returns global metrics. (Checkpoints are the controller's call: it saves only after it has
+        it. Returns global metrics and, on rank 0, the rows trained and dropped. (Checkpoints are the controller's call: it saves only after it has
         recorded what the step trained on, so a checkpoint never holds a step the records lack.)"""
         assert self.engine is not None, "setup() first"
         t0 = time.perf_counter()
@@ -131,13 +142,14 @@ class TrainerWorker:
         self.version = self.engine.version
         m["time/wait_batch_s"] = t_wait
         m["staleness/dropped_groups"] = len(dropped) // self.recipe.rollout.group_size
+        result = StepResult(m)
         if self.rank == 0:  # the controller records which rows each step trained on (resume needs it)
-            m["_trained"], m["_dropped"] = list(take.indexes), list(dropped)
+            result.trained, result.dropped = list(take.indexes), list(dropped)
             versions = columns["version"] if self.world_size == 1 else \
                 self.store.fetch(self.partition, take, ["version"]).column("version").to_pylist()
             m["staleness/hist"] = {str(k): v for k, v in sorted(Counter(step - x for x in versions).items())}
         m["time/step_s"] = time.perf_counter() - t0
-        return m
+        return result
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, path: Optional[str] = None, wait: bool = True) -> str:

@@ -119,8 +119,7 @@ class Controller:
         self.start_step = _checkpoint_step(ckpt)
         if self.resume:
             self._rewind_records(self.start_step)
-        required = ["trainer"] + ([] if r.reward.inline else ["reward"]) + (["filter"] if r.algorithm.dynamic_sampling else [])
-        consumers = set(r.datastore.required_consumers) | set(required)
+        consumers = set(r.datastore.required_consumers) | {"reward", "trainer"} | ({"filter"} if r.algorithm.dynamic_sampling else set())
         if r.reward.inline:  # nobody takes rows as "reward": waiting for it would keep every row in memory
             consumers.discard("reward")
         r.datastore.required_consumers = sorted(consumers)

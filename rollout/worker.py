@@ -394,8 +394,8 @@ class RolloutWorker:
 
     async def _pause(self, mode: str, clear_cache: bool) -> None:
         """vLLM's `pause_generation` without the 20 ms sleep it ends with (that sleep only lets the cut
-        requests' last outputs arrive before it returns; each segment waits for its own anyway). A sync
-        on the CPU default takes ~50 ms, so this is a tenth of it. Falls back to the public call."""
+        requests' last outputs arrive before it returns; each segment waits for its own anyway): on the CPU
+        default `sync/pause_s` went from 23 to 3 ms of a ~45 ms sync. Falls back to the public call."""
         core = getattr(self.engine, "engine_core", None)
         if not hasattr(core, "pause_scheduler_async"):
             await self.engine.pause_generation(mode=mode, clear_cache=clear_cache)

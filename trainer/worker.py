@@ -129,8 +129,9 @@ class TrainerWorker:
 
     def train_step(self, step: int) -> StepResult:
         """One optimizer step (or `trainer.mini_batches` of them) on the next batch; every rank must call
-        it. Returns global metrics and, on rank 0, the rows trained and dropped. (Checkpoints are the controller's call: it saves only after it has
-        recorded what the step trained on, so a checkpoint never holds a step the records lack.)"""
+        it. Returns global metrics and, on rank 0, the rows trained and dropped. (Checkpoints are the
+        controller's call: it saves only after it has recorded what the step trained on, so a checkpoint
+        never holds a step the records lack.)"""
         assert self.engine is not None, "setup() first"
         t0 = time.perf_counter()
         take, dropped = self._claim(step)

@@ -1,0 +1,53 @@
+"""rl/heap.py (the collector's clock, the frozen start-up heap) and rollout/vllm_plugin.py (vLLM's message
+queue readers nap instead of spinning), on the real gc module and the real vLLM package."""
+
+import gc
+import os
+import subprocess
+import sys
+
+from rl.heap import GcClock, settle
+
+PLUGIN_CHECK = """
+import time
+from importlib.metadata import entry_points
+from vllm.distributed.device_communicators import shm_broadcast
+from vllm.distributed.utils import sched_yield
+assert any(e.value == "rollout.vllm_plugin:register" for e in entry_points(group="vllm.general_plugins")), "not registered"
+from vllm.plugins import load_general_plugins
+load_general_plugins()  # as every vLLM process does at start
+patched = shm_broadcast.sched_yield is not sched_yield
+t = time.perf_counter(); shm_broadcast.sched_yield(); nap = time.perf_counter() - t
+print(patched, nap)
+"""
+
+
+def _run_plugin_check(env_value):
+    env = {k: v for k, v in os.environ.items() if k != "STREAMRL_VLLM_SPIN_SLEEP_S"}
+    if env_value is not None:
+        env["STREAMRL_VLLM_SPIN_SLEEP_S"] = env_value
+    out = subprocess.run([sys.executable, "-c", PLUGIN_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    patched, nap = out.stdout.split()[-2:]
+    return patched == "True", float(nap)
+
+
+def test_vllm_plugin_naps_only_when_asked():
+    patched, nap = _run_plugin_check("0.05")
+    assert patched and nap >= 0.04  # the spin's turn now sleeps the asked 50 ms
+    patched, _ = _run_plugin_check(None)
+    assert not patched  # other vLLM users in the environment keep vLLM's own spin
+
+
+def test_gc_clock_counts_full_collections_and_settle_freezes():
+    clock = GcClock()
+    try:
+        before = clock.full
+        gc.collect()
+        assert clock.full == before + 1 and clock.seconds > 0
+        junk = [[i] for i in range(10_000)]
+        settle()
+        assert gc.get_freeze_count() > len(junk)  # what exists now is out of the collector's view
+    finally:
+        gc.callbacks.remove(clock._on_gc)
+        gc.unfreeze()

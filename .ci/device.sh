@@ -77,6 +77,21 @@ case "${1:-}" in
   update-modes)
     step gpu_update_modes "${2:-300}" python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_rollout.py -k update_modes
     ;;
+  spy)  # in the background beside vs-trl: py-spy (carried as .venv/bin/py-spy) samples the share run's rollout
+         # actor, trainer and driver for ${2:-15} s once its second step is logged; collapsed stacks under $OUT/spy
+    mkdir -p "$OUT/spy"
+    for _ in $(seq 600); do
+      m=$(ls /tmp/streamrl-vs-trl-share-*/metrics.jsonl 2>/dev/null | head -1)
+      [ -n "$m" ] && [ "$(wc -l < "$m")" -ge 2 ] && break
+      sleep 1
+    done
+    for who in "ray::RolloutWorker" "ray::TrainerWorker" "rl.bench.vs_trl"; do
+      pid=$(pgrep -f "$who" | head -1)
+      [ -n "$pid" ] && .venv/bin/py-spy record --pid "$pid" --duration "${2:-15}" --rate 200 --format raw \
+        --nonblocking -o "$OUT/spy/${who//[:.]/_}.txt" > "$OUT/spy/${who//[:.]/_}.log" 2>&1 &
+    done
+    wait
+    ;;
   ipc-test)
     step gpu_ipc_test "${2:-300}" python3 -m pytest -q -s -p no:cacheprovider "tests/test_weight_sync.py::test_gpu_sync_is_exact[ipc-M1-tp1]"
     ;;

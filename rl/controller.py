@@ -431,6 +431,10 @@ class Stages:
         await self.spans.collect()
         tokens = sum(s["tokens_out"] for s in rollout)
         gc_s = max(s.get("gc_seconds", 0.0) for s in rollout)
+        for s in rollout:  # a rollout actor's loop held for long delays every call to it (weight updates too)
+            for st in s.get("loop", {}).get("stalls", [])[:1]:
+                log.warning("rollout worker %d: its event loop was held for %.2f s; the loop thread was at:\n%s",
+                            s["rank"], st["lag_s"], st["stack"])
         scored, errors = sum(s["scored"] for s in rewards), sum(s["errors"] for s in rewards)
         out: dict[str, Any] = {
             "throughput/samples_per_s": m.get("samples", 0) / dt,
@@ -438,6 +442,7 @@ class Stages:
             "throughput/rewarded_per_s": (scored - self.last["scored"]) / dt,
             "reward/errors": errors - self.last["errors"],
             "rollout/gc_pause_s": gc_s - self.last["gc"],  # the busiest engine's collector pauses since the last step
+            "rollout/loop_lag_max_s": max(s.get("loop", {}).get("lag_max_s", 0.0) for s in rollout),
             "rollout/groups_running": ctl.budget.running, "rollout/groups_started": ctl.feeder.next_group,
             "rollout/groups_dropped": ctl.budget.dropped, "rollout/engine_failures": len(ctl.router.failures),
         }

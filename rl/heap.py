@@ -35,3 +35,65 @@ class GcClock:
         else:
             self.seconds += time.perf_counter() - self._t0
             self.full += info.get("generation") == 2
+
+
+class LoopWatch:
+    """How long this process's asyncio loop was kept from running, and where it was stuck.
+
+    A task on the loop beats every `beat_s`; a thread checks the beat. When the loop has not beaten for
+    `stall_s`, the thread takes the loop thread's Python stack once per stall (`sys._current_frames`), so a
+    late actor call (a weight update that reaches the actor a second late) can be traced to the code that
+    held the loop. A stall inside C code that holds the GIL is seen when it ends; `GcClock` counts the
+    collector's share."""
+
+    def __init__(self, beat_s: float = 0.02, stall_s: float = 0.25, keep: int = 8) -> None:
+        self.beat_s, self.stall_s, self.keep = beat_s, stall_s, keep
+        self.lag_max = 0.0  # the longest gap between beats since the last `take()`
+        self.stalls: list[dict] = []  # {"lag_s", "at", "stack"}, at most `keep` since the last `take()`
+        self._beat = time.monotonic()
+        self._loop_thread = 0
+        self._task = None
+        self._stop = False
+
+    def start(self) -> None:
+        """Call from a coroutine on the loop to watch."""
+        import asyncio
+        import threading
+
+        self._loop_thread = threading.get_ident()
+        self._beat = time.monotonic()
+        self._task = asyncio.get_running_loop().create_task(self._beats())
+        threading.Thread(target=self._watch, name="streamrl-loop-watch", daemon=True).start()
+
+    async def _beats(self) -> None:
+        import asyncio
+
+        while not self._stop:
+            now = time.monotonic()
+            self.lag_max = max(self.lag_max, now - self._beat - self.beat_s)
+            self._beat = now
+            await asyncio.sleep(self.beat_s)
+
+    def _watch(self) -> None:
+        import sys
+        import traceback
+
+        caught = 0.0
+        while not self._stop:
+            time.sleep(self.beat_s * 2)
+            beat = self._beat
+            if time.monotonic() - beat > self.stall_s and beat != caught:
+                caught = beat
+                frame = sys._current_frames().get(self._loop_thread)
+                if frame is not None and len(self.stalls) < self.keep:
+                    self.stalls.append({"lag_s": time.monotonic() - beat, "at": time.time(),
+                                        "stack": "".join(traceback.format_stack(frame)[-12:])})
+
+    def take(self) -> dict:
+        """The longest lag and the stalls seen since the last call."""
+        out = {"lag_max_s": self.lag_max, "stalls": self.stalls}
+        self.lag_max, self.stalls = 0.0, []
+        return out
+
+    def stop(self) -> None:
+        self._stop = True

@@ -29,7 +29,7 @@ import ray
 
 from datastore.client import DataStore
 from rl.config import RewardConfig, RolloutConfig
-from rl.heap import GcClock, settle
+from rl.heap import GcClock, LoopWatch, settle
 from rl.plugins import load_function
 from rl.reward_worker import WRITE_FIELDS, RewardTally
 from rl.rewards import Sample, make_reward_caller
@@ -111,6 +111,7 @@ class RolloutWorker:
         self.events: list[dict] = []  # (kind, start, end) activity spans for the timeline
         self.busy_since: float | None = None
         self.gc = GcClock()
+        self.loop_watch = LoopWatch()  # started with the engine: how long this actor's loop was held, and where
         inline = reward is not None and reward.inline
         self.reward = make_reward_caller(reward) if inline else None
         self.tally = RewardTally()
@@ -148,6 +149,8 @@ class RolloutWorker:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         await self._turn([self.tokenizer.bos_token_id or 0], 1, 0, "warmup")  # first request pays one-off costs
         settle()  # full collections while generating stop this actor's loop for far less (rl/heap.py)
+        if self.loop_watch._task is None:
+            self.loop_watch.start()
         return {"rank": self.rank, "start_seconds": time.perf_counter() - t0, "pid": os.getpid()}
 
     @property
@@ -435,7 +438,7 @@ class RolloutWorker:
         return {"rank": self.rank, "version": self.version, "inflight": self.inflight,
                 "tokens_out": self.tokens_out, "samples_out": self.samples_out, "cached_tokens": self.cached_tokens,
                 "resubmitted": self.resubmitted, "gc_seconds": self.gc.seconds, "gc_full": self.gc.full,
-                "reward": self.tally.stats()}
+                "loop": self.loop_watch.take(), "reward": self.tally.stats()}
 
     async def shutdown(self) -> None:
         if self.engine is not None:

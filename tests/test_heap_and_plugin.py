@@ -5,6 +5,7 @@ import gc
 import os
 import subprocess
 import sys
+import time
 
 from rl.heap import GcClock, settle
 
@@ -51,3 +52,28 @@ def test_gc_clock_counts_full_collections_and_settle_freezes():
     finally:
         gc.callbacks.remove(clock._on_gc)
         gc.unfreeze()
+
+
+def test_loop_watch_names_the_code_that_held_the_loop() -> None:
+    """A coroutine that blocks the loop for 0.6 s shows as a lag of about that much, with its stack."""
+    import asyncio
+
+    from rl.heap import LoopWatch
+
+    def hold_the_loop() -> None:
+        time.sleep(0.6)
+
+    async def main() -> dict:
+        watch = LoopWatch(stall_s=0.2)
+        watch.start()
+        await asyncio.sleep(0.1)
+        assert watch.take()["lag_max_s"] < 0.2  # an idle loop beats on time
+        hold_the_loop()
+        await asyncio.sleep(0.1)
+        out = watch.take()
+        watch.stop()
+        return out
+
+    out = asyncio.run(main())
+    assert out["lag_max_s"] > 0.5
+    assert len(out["stalls"]) == 1 and "hold_the_loop" in out["stalls"][0]["stack"]

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -22,8 +24,12 @@ import pyarrow.compute as pc
 
 from datastore import log as dlog
 from rl.staleness import newest_trainable
+from rl.metrics import read_metrics
 from trainer.checkpoint import CHECKPOINTS, latest_checkpoint
 
+log = logging.getLogger(__name__)
+
+TRAINED = "trained.jsonl"  # per step: the rows it trained on and dropped as too stale (a resume: as a lost lineage)
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "trained.jsonl", "datastore", CHECKPOINTS)
 
 
@@ -89,3 +95,77 @@ def newest_token_version(batch: pa.RecordBatch) -> np.ndarray:
         rows = per_row.column("row").to_numpy()
         newest[rows] = np.maximum(newest[rows], per_row.column("v_max").to_numpy())
     return newest
+
+
+class Resume:
+    """A resume of the run in `run_dir` at `step` (its checkpoint's version). `rewind_records` sets the run's
+    records back to the checkpoint before the store opens; `restore_rollout` tells the rollout side where
+    to go on, through the feeder's and the budget's public methods, once the store has replayed its log."""
+
+    def __init__(self, run_dir: Path, partition: str, step: int, group_size: int, batch_groups: int) -> None:
+        self.run_dir, self.partition, self.step = Path(run_dir), partition, step
+        self.group_size, self.batch_groups = group_size, batch_groups
+
+    def rewind_records(self) -> None:
+        """Forget what steps >= step did (their training was lost with the process), so they run again
+        once: metrics and trained-row records are cut there, and the trainer's consumption in the store's
+        log is set back to the rows those earlier steps trained on or dropped, plus the groups that versions
+        after `step` helped make (a lost lineage), recorded at `step`."""
+        step, run_dir = self.step, self.run_dir
+        kept = [rec for rec in read_jsonl(run_dir / TRAINED) if rec["step"] < step]
+        done = {i for rec in kept for i in consumed_rows(rec)}
+        log_dir = run_dir / "datastore"
+        lost = lost_lineage(log_dir, self.partition, step, self.group_size, done) if log_dir.exists() else []
+        if lost:
+            kept.append({"step": step, "trained": [], "dropped": [], "lost_lineage": lost})
+            log.info("resume at step %d: dropped %d logged samples that versions after %d helped make (a lineage "
+                     "lost with the crash); new groups take their place", step, len(lost), step)
+        write_jsonl(run_dir / TRAINED, kept)
+        write_jsonl(run_dir / "metrics.jsonl", [m for m in read_metrics(run_dir) if m["step"] < step])
+        if log_dir.exists():
+            consumed = dlog.read_consumed(str(log_dir))
+            part = consumed.setdefault(self.partition, {})
+            part["trainer"] = done | set(lost)
+            dlog.rewrite_consumed(str(log_dir), {p: {c: sorted(v) for c, v in cs.items()} for p, cs in consumed.items()})
+
+    def restore_rollout(self, recovered: dict[str, Any], held: Iterable[int], feeder: Any,
+                        budget: Any) -> list[tuple[int, list[int]]]:
+        """The feeder continues after the last group in the log (group g uses prompt row g), and the budget
+        counts what is already there (groups of a lost lineage are not: new groups take their slots).
+        `recovered`: the store's replay summary of the partition; `held`: the rows it holds for the trainer.
+        Returns the groups that lost samples in the crash, with just those samples, to submit first."""
+        n = self.group_size
+        next_group = -(-recovered.get("next_index", 0) // n)
+        trained = {i for r in read_jsonl(self.run_dir / TRAINED) for i in consumed_rows(r)}
+        groups: dict[int, list[int]] = {}
+        for i in held:
+            groups.setdefault(i // n, []).append(i)
+        # missing samples by their number j in the group (GroupRequest.samples), not by row index g * n + j
+        partial = {g: sorted(set(range(n)) - {i % n for i in rows}) for g, rows in groups.items() if len(rows) < n}
+        lost = [g for g in range(next_group) if g not in groups and not any(g * n + j in trained for j in range(n))]
+        feeder.resume_at(next_group)
+        # whole groups held; the requeued ones are counted as Stages.start submits them
+        budget.restore(self.step * self.batch_groups + len(groups) - len(partial))
+        log.info("resume: %d groups held, %d partial and %d lost groups to complete, next group %d",
+                 len(groups), len(partial), len(lost), next_group)
+        return [(g, missing) for g, missing in partial.items()] + [(g, list(range(n))) for g in lost]
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (a line cut by a crash is skipped); [] if there is none."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    """Replace `path` with `records`, atomically (a crash leaves the old file or the new one)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(path)

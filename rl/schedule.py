@@ -23,7 +23,7 @@ from rl.data import PromptFormatter, PromptStream, row_to_json
 from rl.staleness import StalenessBudget
 from rl.waits import await_
 from rollout.router import RolloutRouter
-from rollout.worker import GroupRequest
+from rollout.records import GroupRequest
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any
 import ray
 
 from rl.waits import await_
-from rollout.worker import GroupRequest
+from rollout.records import GroupRequest
 
 log = logging.getLogger(__name__)
 

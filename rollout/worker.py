@@ -22,7 +22,7 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import ray
@@ -34,6 +34,7 @@ from rl.plugins import load_function
 from rl.reward_worker import WRITE_FIELDS, RewardTally
 from rl.rewards import Sample, make_reward_caller
 from rollout.agent import TurnOutput, run_episode
+from rollout.records import GroupRequest, RolloutStats, UpdateReport
 from rl.transport import ChannelSpec, WeightHandle
 from rl.waits import await_
 
@@ -44,22 +45,6 @@ SAMPLE_FIELDS = [
     "group", "sample", "prompt", "prompt_ids", "response", "response_ids", "logprobs", "token_versions",
     "loss_mask", "version", "finish_reason", "row", "worker", "gen_seconds", "turns",
 ]
-
-
-@dataclass
-class GroupRequest:
-    """One prompt to be sampled `n` times; sample j of group g is row g * n + j of the partition.
-    `samples` limits the request to some j (a re-queue after an engine failure); None means all n."""
-
-    group: int
-    prompt: str
-    prompt_ids: list[int]
-    row: str  # the dataset row's other fields, as JSON
-    n: int
-    samples: list[int] | None = None
-
-    def sample_ids(self) -> list[int]:
-        return list(range(self.n)) if self.samples is None else list(self.samples)
 
 
 def engine_env(cfg: RolloutConfig, device: str) -> dict[str, str]:
@@ -350,7 +335,7 @@ class RolloutWorker:
                            f"rollout worker {self.rank}'s vLLM engine")
         return {"rank": self.rank, "members": res}
 
-    async def update_weights(self, handle: WeightHandle) -> dict[str, Any]:
+    async def update_weights(self, handle: WeightHandle) -> UpdateReport:
         """Cut in-flight requests between engine steps, receive and load, resume (`rollout.update_mode`:
         interrupt and recompute cut every request and resubmit it with its tokens so far, interrupt reusing
         the cached KV and recompute dropping every cache first; drain lets in-flight requests finish on the
@@ -389,11 +374,11 @@ class RolloutWorker:
             t1 = time.perf_counter()
             if not handle.probe:
                 self.events.append({"kind": "load_weights", "start": time.time() - (t1 - t0), "end": time.time()})
-            return {"rank": self.rank, "version": version, "seconds": t1 - t0, "pause_seconds": t_pause,
-                    "dispatch_seconds": dispatch,
-                    "cut_requests": cut if not handle.probe and self.cfg.update_mode != "drain" else 0,
-                    "load_seconds": max(r["seconds"] for r in res), "recv_seconds": max(r["recv_s"] for r in res),
-                    "apply_seconds": max(r["load_s"] for r in res), "bytes": res[0]["bytes"]}
+            return UpdateReport(
+                rank=self.rank, version=version, seconds=t1 - t0, pause_seconds=t_pause, dispatch_seconds=dispatch,
+                cut_requests=cut if not handle.probe and self.cfg.update_mode != "drain" else 0,
+                load_seconds=max(r["seconds"] for r in res), recv_seconds=max(r["recv_s"] for r in res),
+                apply_seconds=max(r["load_s"] for r in res), bytes=res[0]["bytes"])
 
     async def _pause(self, mode: str, clear_cache: bool) -> None:
         """vLLM's `pause_generation` without the 20 ms sleep it ends with (that sleep only lets the cut
@@ -434,11 +419,12 @@ class RolloutWorker:
         out, self.events = self.events, []
         return out
 
-    async def stats(self) -> dict[str, Any]:
-        return {"rank": self.rank, "version": self.version, "inflight": self.inflight,
-                "tokens_out": self.tokens_out, "samples_out": self.samples_out, "cached_tokens": self.cached_tokens,
-                "resubmitted": self.resubmitted, "gc_seconds": self.gc.seconds, "gc_full": self.gc.full,
-                "loop": self.loop_watch.take(), "reward": self.tally.stats()}
+    async def stats(self) -> RolloutStats:
+        loop = self.loop_watch.take()
+        return RolloutStats(rank=self.rank, version=self.version, inflight=self.inflight, tokens_out=self.tokens_out,
+                            samples_out=self.samples_out, cached_tokens=self.cached_tokens, resubmitted=self.resubmitted,
+                            gc_seconds=self.gc.seconds, gc_full=self.gc.full, loop_lag_max_s=loop["lag_max_s"],
+                            loop_stalls=loop["stalls"], reward=self.tally.stats())
 
     async def shutdown(self) -> None:
         if self.engine is not None:

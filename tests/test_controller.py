@@ -13,7 +13,8 @@ import pytest
 
 from datastore.log import read_rows
 from rl.config import load_recipe
-from rl.controller import Controller, TRAINED
+from rl.controller import Controller
+from rl.resume import TRAINED
 from rl.metrics import read_metrics
 from trainer.checkpoint import latest_checkpoint
 

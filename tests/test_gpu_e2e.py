@@ -10,7 +10,8 @@ import pytest
 
 from datastore.log import read_rows
 from rl.config import load_recipe
-from rl.controller import TRAINED, Controller
+from rl.controller import Controller
+from rl.resume import TRAINED
 
 from helpers import logprob_gap
 

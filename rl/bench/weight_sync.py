@@ -2,7 +2,7 @@
 
 A random-init model of the given shape (e.g. `--arch qwen2 --hidden 896 --layers 24 --vocab 151936` is
 Qwen2-0.5B's), a trainer group of M FSDP2 ranks and E vLLM engines of tensor-parallel size t on real Ray,
-and for each transport: open the weight channel, then per sync run `Controller._sync_weights` (the code
+and for each transport: open the weight channel, then per sync run `WeightSync.push` (rl/weight_sync.py) (the code
 a training run uses): the trainer's gather (full_tensor + cast + pack), the transfer, the engines' load,
 each timed. The link baseline is a probe through the same channel and the same group: the same bytes in
 the same buckets, with no gather and no load (for ipc: one device copy per bucket): `link_s` is its
@@ -150,13 +150,13 @@ def _recipe(args: argparse.Namespace, model: str, device: str, transport: str) -
     ])
 
 
-async def _measure(ctl: Any, syncs: int) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
-    await ctl._sync_weights()  # warm-up: first buffers, first loads
-    await ctl._sync_weights(probe=True)
+async def _measure(ws: Any, syncs: int) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    await ws.push()  # warm-up: first buffers, first loads
+    await ws.push(probe=True)
     real, probe = [], []
     for _ in range(syncs):
-        real.append(await ctl._sync_weights())
-        probe.append(await ctl._sync_weights(probe=True))
+        real.append(await ws.push())
+        probe.append(await ws.push(probe=True))
     return real, probe
 
 
@@ -190,17 +190,18 @@ def _device_copy_gbps(nbytes: int) -> float:
 
 
 def _one_transport(args: argparse.Namespace, model: str, device: str, transport: str, store: Any) -> dict[str, Any]:
-    from rl.controller import Controller
+    from rl.weight_sync import WeightSync
 
     recipe = _recipe(args, model, device, transport)
     group, workers = build_actors(recipe, model, store, colocate=transport == "ipc")
     try:
-        ctl = Controller(recipe)
-        ctl.trainer, ctl.rollouts = group, workers
+        r = recipe
+        ws = WeightSync(group, workers, r.rollout.weight_transport, r.rollout.tensor_parallel_size, device,
+                         colocated=transport == "ipc", timeout_s=r.resources.wait_timeout_s)
         t0 = time.perf_counter()
-        ctl._open_weight_channel()
+        ws.open()
         open_s = time.perf_counter() - t0
-        real, probe = asyncio.run(_measure(ctl, args.syncs))
+        real, probe = asyncio.run(_measure(ws, args.syncs))
         diff = _logprob_diff(group, workers[0], args.vocab)
     finally:
         stop_workers(workers)

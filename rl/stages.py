@@ -1,0 +1,115 @@
+"""The background stages of one run, started beside the training loop and watched by it.
+
+The feeder starts groups on the rollout router while the staleness budget allows; reward workers score
+samples as they stream into the store (unless the rollout workers score them inline); with dynamic sampling
+a filter drops signal-free groups; worker activity spans flow to the timeline. `Stages` owns their tasks,
+reports the first failure to the loop (`error`), and gathers their per-step metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import ray
+
+from datastore.client import DataStore
+from rl.metrics import MetricsLogger
+from rl.schedule import Feeder, GroupFilter, SpanCollector
+from rl.staleness import StalenessBudget
+from rl.waits import await_
+from rollout.records import RolloutStats
+from rollout.router import RolloutRouter
+
+log = logging.getLogger(__name__)
+
+
+class Stages:
+    """Starts and stops the background stages of one run, and gathers their per-step metrics.
+    `requeue`: (group, missing sample numbers) to submit first (a resume's partial and lost groups)."""
+
+    def __init__(self, feeder: Feeder, gfilter: GroupFilter | None, budget: StalenessBudget, router: RolloutRouter,
+                 store: DataStore, rollouts: list[ray.actor.ActorHandle], rewarders: list[ray.actor.ActorHandle],
+                 metrics: MetricsLogger, timeout_s: float, requeue: list[tuple[int, list[int]]] | None = None) -> None:
+        self.feeder, self.gfilter, self.budget, self.router, self.store = feeder, gfilter, budget, router, store
+        self.rollouts, self.rewarders, self.metrics, self.timeout = rollouts, rewarders, metrics, timeout_s
+        self.requeue = list(requeue or [])
+        self.spans = SpanCollector(metrics, rollouts, rewarders, timeout_s)
+        self.tasks: list[asyncio.Task] = []
+        self.reward_refs: list[ray.ObjectRef] = []
+        self.last = {"t": time.time(), "tokens": 0, "scored": 0, "errors": 0, "gc": 0.0}
+
+    async def start(self) -> None:
+        self.reward_refs = [w.run.remote() for w in self.rewarders]
+        for g, missing in self.requeue:
+            self.feeder.requeue(g, missing)
+        self.tasks.append(asyncio.create_task(self.feeder.run()))
+        if self.gfilter is not None:
+            self.tasks.append(asyncio.create_task(self.gfilter.run()))
+
+    def error(self) -> tuple[str, BaseException] | None:
+        """The first background failure as (stage, error), or None: the loop ends the run with it."""
+        if self.feeder.error is not None:
+            return "rollout", self.feeder.error
+        if self.gfilter is not None and self.gfilter.error is not None:
+            return "dynamic sampling", self.gfilter.error
+        for t in self.tasks:
+            if t.done() and not t.cancelled() and t.exception() is not None:
+                return "a background stage", t.exception()
+        return None
+
+    async def step_metrics(self, m: dict[str, Any]) -> dict[str, Any]:
+        """Throughput of each stage since the last step, rewards' extras, queue depths, staleness budget."""
+        now = time.time()
+        dt = max(now - self.last["t"], 1e-9)
+        rollout: list[RolloutStats] = await await_([w.stats.remote() for w in self.rollouts], self.timeout, "stats",
+                                                   "rollout workers")
+        rewards = await await_([w.stats.remote() for w in self.rewarders], self.timeout, "stats", "reward workers") \
+            if self.rewarders else [s.reward for s in rollout]  # reward.inline: the rollout workers scored
+        await self.spans.collect()
+        tokens = sum(s.tokens_out for s in rollout)
+        gc_s = max(s.gc_seconds for s in rollout)
+        for s in rollout:  # a rollout actor's loop held for long delays every call to it (weight updates too)
+            for st in s.loop_stalls[:1]:
+                log.warning("rollout worker %d: its event loop was held for %.2f s; the loop thread was at:\n%s",
+                            s.rank, st["lag_s"], st["stack"])
+        scored, errors = sum(s["scored"] for s in rewards), sum(s["errors"] for s in rewards)
+        out: dict[str, Any] = {
+            "throughput/samples_per_s": m.get("samples", 0) / dt,
+            "throughput/gen_tokens_per_s": (tokens - self.last["tokens"]) / dt,
+            "throughput/rewarded_per_s": (scored - self.last["scored"]) / dt,
+            "reward/errors": errors - self.last["errors"],
+            "rollout/gc_pause_s": gc_s - self.last["gc"],  # the busiest engine's collector pauses since the last step
+            "rollout/loop_lag_max_s": max(s.loop_lag_max_s for s in rollout),
+            "rollout/groups_running": self.budget.running, "rollout/groups_started": self.feeder.next_group,
+            "rollout/groups_dropped": self.budget.dropped, "rollout/engine_failures": len(self.router.failures),
+        }
+        extras: dict[str, list[float]] = {}
+        for s in rewards:
+            for k, (total, count) in s["extras"].items():
+                acc = extras.setdefault(k, [0.0, 0.0])
+                acc[0] += total
+                acc[1] += count
+        out.update({f"reward/extra/{k}": v[0] / v[1] for k, v in extras.items() if v[1]})
+        if self.gfilter is not None:
+            out.update({"dynamic_sampling/kept_groups": self.gfilter.kept, "dynamic_sampling/dropped_groups": self.gfilter.dropped})
+        try:
+            out.update(await asyncio.to_thread(self.store.metrics))
+        except Exception as exc:  # observability must not stop training
+            log.warning("data store metrics unavailable: %s", exc)
+        self.last = {"t": now, "tokens": tokens, "scored": scored, "errors": errors, "gc": gc_s}
+        return out
+
+    async def stop(self) -> None:
+        if self.gfilter is not None:
+            self.gfilter.stopping = True
+        for t in self.tasks:
+            t.cancel()
+        self.feeder.stop()
+        for w in self.rewarders:
+            w.stop.remote()
+        try:
+            await self.spans.collect()
+        except Exception:
+            pass

@@ -106,15 +106,15 @@ function label(k) {
 }
 
 // Line traces of `ks` for every run. One run: one trace per key, named by `names[k]` or the key's label.
-// Several: colour = run, dash = key; named by the run (and the key, when the chart has several).
-function lines(ks, {names = {}, extra = {}, perKey = {}} = {}) {
+// Several: colour = run, dash = key; named by the run (and the key, when the chart has several or `keyInName`).
+function lines(ks, {names = {}, extra = {}, perKey = {}, keyInName = ks.length > 1} = {}) {
   const out = [], runNamesNow = runNames();
   S.runs.forEach((run, i) => ks.forEach((k, j) => {
     const what = names[k] || label(k);
     const t = {...series(run, k), type: "scatter", mode: "lines+markers", marker: {size: 4}, ...extra, ...(perKey[k] || {})};
     if (!multi()) { out.push({...t, name: what}); return; }
     const color = RUN_COLORS[i % RUN_COLORS.length];
-    out.push({...t, name: ks.length > 1 ? `${runNamesNow[i]} · ${what}` : runNamesNow[i], legendgroup: runNamesNow[i],
+    out.push({...t, name: keyInName ? `${runNamesNow[i]} · ${what}` : runNamesNow[i], legendgroup: runNamesNow[i],
               line: {...(t.line || {}), color, dash: DASHES[j % DASHES.length]}, marker: {...t.marker, color}});
   }));
   return out;
@@ -304,7 +304,7 @@ function renderStaleness() {
     if (!nAll) return;
     const who = multi() ? `${names[i]}: ` : "";
     traces.push({x: lags, y: lags.map((l) => share(total, l, nAll)), type: "bar", name: `${who}whole run (${nAll} samples)`,
-                 marker: multi() ? {color: RUN_COLORS[i % RUN_COLORS.length]} : undefined,
+                 ...(multi() ? {marker: {color: RUN_COLORS[i % RUN_COLORS.length]}} : {}),
                  customdata: lags.map((l) => total.get(l) || 0), hovertemplate: "lag %{x}: %{y:.1%} (%{customdata})<extra></extra>"});
     if (!multi()) {
       traces.push({x: lags, y: lags.map((l) => share(last, l, nLast)), type: "bar", name: `last step (${nLast} samples)`,
@@ -327,7 +327,7 @@ function renderQueues() {
   const ks = keys(/^datastore\/[^/]+\/(depth|in_flight)\/|^datastore\/[^/]+\/unready\/reward$|^datastore\/waiting_(puts|takes)$/);
   const traces = lines(ks);
   if (keys(/^datastore\/rows_held$/).length) {
-    traces.push(...lines(["datastore/rows_held"], {extra: {yaxis: "y2", mode: "lines",
+    traces.push(...lines(["datastore/rows_held"], {keyInName: true, extra: {yaxis: "y2", mode: "lines",
                                                            line: multi() ? {} : {dash: "dot", color: "#999"}}}));
   }
   draw("chart-queues", traces, {yaxis: {title: {text: "rows, calls"}, automargin: true, rangemode: "tozero"},
@@ -340,7 +340,7 @@ function renderStepTime() {  // lines, not stacks: the trainer's times (time/upd
 
 function renderErrors() {
   const traces = lines(["reward/errors"], {names: {"reward/errors": "errors"},
-                                           extra: multi() ? {} : {type: "bar", mode: undefined, marker: {color: "#b3261e"}}});
+                                           extra: multi() ? {} : {type: "bar", marker: {color: "#b3261e"}}});
   draw("chart-errors", traces, {yaxis: {title: {text: "samples"}, automargin: true, rangemode: "tozero"},
                                 margin: {l: 55, r: 55, t: 8, b: 30}, showlegend: multi(),
                                 emptyText: "no reward/errors in the metrics yet"});

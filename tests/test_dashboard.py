@@ -6,7 +6,6 @@ realistic run directory without running anything (the browser tests use it too).
 from __future__ import annotations
 
 import json
-import math
 import queue
 import random
 import re

@@ -202,7 +202,8 @@ class RunReader:
                     self.rewards.setdefault(v, []).append(float(r))
                 if s.get("error"):
                     self.errors.append(clean({"error": s["error"], "version": v, "index": s.get("index"),
-                                              "prompt": _short(s.get("prompt")), "response": _short(s.get("response"))}))
+                                              "prompt": _short(s.get("prompt")),
+                                              "response": _short(s.get("response"))}))
                     self.errors_total += 1
             self.samples.extend(clean(s) for s in samples)
             self.samples_total += len(samples)
@@ -305,7 +306,8 @@ def reward_distribution(rewards: dict[int, list[float]], max_columns: int = MAX_
     return out
 
 
-def recent_pace(metrics: list[dict[str, Any]], status: dict[str, Any], window: int = RECENT_STEPS) -> dict[str, Any] | None:
+def recent_pace(metrics: list[dict[str, Any]], status: dict[str, Any],
+                window: int = RECENT_STEPS) -> dict[str, Any] | None:
     """Seconds per step over the last `window` steps of this session, for the time-left estimate.
 
     The whole-run average counts the start-up (engines loading, compiling) and any slow first steps, and so

@@ -356,7 +356,7 @@ function renderErrors() {
     return li;
   }));
   if (!run.errors.length) {
-    const li = document.createElement("li"); li.className = "where";
+    const li = document.createElement("li"); li.className = "where none";
     li.textContent = total ? "messages: in the rollout log's reward_info (<run_dir>/datastore), none read yet"
                            : "no reward errors";
     list.append(li);

@@ -98,21 +98,9 @@ def _cmd_stop(args: argparse.Namespace) -> int:
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
-    from rl.dashboard import DashboardServer
+    from rl.dashboard.command import dashboard
 
-    run_dir = Path(args.run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory not found: {run_dir}")
-    if not any((run_dir / name).exists() for name in ("metrics.jsonl", "status.json", "timeline.jsonl")):
-        print(f"streamrl: {run_dir} has no metrics.jsonl, status.json or timeline.jsonl yet; serving it anyway "
-              "(the page fills in as a run writes them)", file=sys.stderr)
-    try:
-        server = DashboardServer(run_dir, args.host, args.port)
-    except OSError as exc:
-        raise ConnectionError(f"cannot listen on {args.host}:{args.port} ({exc}); pick another --port (0: any free one)")
-    print(f"dashboard of {run_dir}: {server.url}  (Ctrl-C stops it)", flush=True)
-    server.serve_forever()
-    return 0
+    return dashboard(args.run_dirs, args.host, args.port, args.export)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,8 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for STOPPED")
         sp.set_defaults(fn=fn)
 
-    dash = sub.add_parser("dashboard", help="serve the dashboard of a run directory (finished or running)")
-    dash.add_argument("run_dir", help="the run directory (holds metrics.jsonl, timeline.jsonl, status.json)")
+    dash = sub.add_parser("dashboard", help="serve the dashboard of run directories (finished or running; several: "
+                                            "their curves overlaid), or --export it to one HTML file")
+    dash.add_argument("run_dirs", nargs="+", metavar="run_dir",
+                      help="a run directory (holds metrics.jsonl, timeline.jsonl, status.json); several to compare")
+    dash.add_argument("--export", metavar="FILE", default=None,
+                      help="write one self-contained HTML file (opens with no server) instead of serving")
     dash.add_argument("--port", type=int, default=8266, help="port to listen on; 0 picks a free one")
     dash.add_argument("--host", default="127.0.0.1", help="interface to listen on; 0.0.0.0 for other machines")
     dash.set_defaults(fn=_cmd_dashboard)

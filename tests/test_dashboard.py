@@ -1,11 +1,17 @@
 """The dashboard's reader and server on real files (a real rollout-log writer, real HTTP, real SSE), the
-MetricsLogger files it reads, and `streamrl dashboard RUN_DIR`. No Ray, no browser: see
-test_dashboard_browser.py for the page in Chromium on a real run."""
+MetricsLogger files it reads, and `streamrl dashboard RUN_DIR...` (serving, comparing, exporting). No Ray,
+no browser: see test_dashboard_browser.py for the page in Chromium on a real run. `write_run` makes a
+realistic run directory without running anything (the browser tests use it too)."""
 
 from __future__ import annotations
 
 import json
 import queue
+import random
+import re
+import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -18,9 +24,12 @@ import pyarrow as pa
 import pytest
 
 from datastore.log import RowLog, segments
+from rl.cli import main as cli_main
 from rl.config import load_recipe
 from rl.dashboard import DashboardServer
-from rl.dashboard.reader import RunReader
+from rl.dashboard.export import export_data
+from rl.dashboard.labels import metric_label
+from rl.dashboard.reader import MAX_VERSION_COLUMNS, RunReader, recent_pace, reward_distribution
 from rl.metrics import MetricsLogger, dashboard_host, read_status
 
 HTTP_TIMEOUT = 10
@@ -40,6 +49,59 @@ def samples(first: int, n: int, version: int, reward: float) -> pa.Table:
     idx = list(range(first, first + n))
     return pa.table({"index": idx, "prompt": [f"{i}+1=" for i in idx], "response": [str(i + 1) for i in idx],
                      "response_ids": [[1] * (i % 3 + 1) for i in idx], "reward": [reward] * n, "version": [version] * n})
+
+
+QUEUE_KEYS = ["datastore/train/depth/trainer", "datastore/train/in_flight/trainer", "datastore/train/depth/reward",
+              "datastore/train/in_flight/reward", "datastore/train/unready/reward", "datastore/waiting_puts",
+              "datastore/waiting_takes", "datastore/rows_held"]
+
+
+def write_run(run_dir: Path, name: str, steps: int, *, total_steps: int | None = None, versions: int | None = None,
+              skill: float = 1.0, state: str = "finished", now: float | None = None, seed: int = 0) -> Path:
+    """A run directory as a real run leaves it: metrics.jsonl (every key the page draws, one record a step, a
+    slow first step then 2 s a step, the last at `now`), timeline.jsonl, status.json and a rollout log of
+    `versions` policy versions, 8 samples each, every 7th sample a reward error with its message."""
+    rng = random.Random(seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    now = time.time() if now is None else now
+    started = now - 30 - 2 * (steps - 1)  # step 0 ends 30 s in (start-up), then a step every 2 s
+    records, spans = [], []
+    for s in range(steps):
+        t = started + 30 + 2 * s
+        reward = min(1.0, skill * s / steps + rng.uniform(-0.05, 0.05))
+        depth = 8 if s % 25 else 0
+        records.append({
+            "step": s, "time": t, "reward/mean": reward, "reward/std": 0.2, "response/len_mean": 20 + rng.random(),
+            "actor/kl_behaviour": rng.random() / 100, "actor/entropy": 1.4 - s / steps, "actor/clip_frac": 0.0,
+            "actor/grad_norm": 1 + rng.random(), "actor/loss": rng.uniform(-0.1, 0.1),
+            "throughput/gen_tokens_per_s": 4000 + 500 * rng.random(), "throughput/rewarded_per_s": 20 + rng.random(),
+            "throughput/samples_per_s": 19 + rng.random(), "staleness/hist": {"0": 2, "1": 6},
+            "staleness/mean": 0.75, "staleness/max": 1, "time/train_s": 1.2, "time/sync_s": 0.3,
+            "time/update_s": 0.9, "reward/errors": 1 if s % 3 == 0 else 0,
+            **dict(zip(QUEUE_KEYS, [depth, 8, 1, 4, 1, 0, 1, 1500 + 3 * s])),
+        })
+        spans += [{"actor": "trainer", "kind": "train", "start": t - 1.9, "end": t - 0.4},
+                  {"actor": "trainer", "kind": "sync", "start": t - 0.4, "end": t - 0.1},
+                  {"actor": "rollout/0", "kind": "generate", "start": t - 2, "end": t - 0.5},
+                  {"actor": "rollout/0", "kind": "load_weights", "start": t - 0.4, "end": t - 0.2},
+                  {"actor": "reward/0", "kind": "reward", "start": t - 1.5, "end": t - 1.0}]
+    write_lines(run_dir / "metrics.jsonl", records)
+    write_lines(run_dir / "timeline.jsonl", spans)
+    (run_dir / "status.json").write_text(json.dumps({
+        "name": name, "state": state, "step": steps - 1, "steps_done": steps, "total_steps": total_steps or steps,
+        "start_step": 0, "started_at": started, "finished_at": now if state == "finished" else None}))
+    log = RowLog(run_dir / "datastore", 0, "s1")
+    n = 8 * (versions if versions is not None else steps)
+    idx = list(range(n))
+    log.append("train", pa.table({
+        "index": idx, "prompt": [f"{i % 50}+{i % 7}=" for i in idx], "response": [str(i % 50 + i % 7) for i in idx],
+        "response_ids": [[1] * (1 + i % 3) for i in idx],
+        "reward": [float(rng.random() < skill * (i // 8) / max(n // 8, 1)) for i in idx],
+        "reward_info": [json.dumps({"error": f"raised ValueError: no number in sample {i}"}) if i % 7 == 3 else ""
+                        for i in idx],
+        "version": [i // 8 for i in idx], "finish_reason": ["stop"] * n, "worker": [0] * n}))
+    log.close()
+    return run_dir
 
 
 class EventStream:
@@ -227,3 +289,135 @@ def test_dashboard_host_auto_opens_up_only_inside_a_ray_job(monkeypatch):
     assert dashboard_host("auto") == "127.0.0.1"  # a local run (a local Ray has one node)
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # a Ray job's driver has this
     assert dashboard_host("auto") == "0.0.0.0"
+
+
+# ---------------------------------------------------------------- issue 16: the dashboard without rough edges
+def test_reward_distribution_pools_versions_past_max_columns():
+    few = reward_distribution({v: [float(v % 2)] * 4 for v in range(MAX_VERSION_COLUMNS)})
+    assert few["width"] == 1 and few["versions"] == few["last"] == list(range(MAX_VERSION_COLUMNS))
+
+    # 500 versions, reward 1 for every 5th: one column per 5 versions, each with a fifth of its samples right
+    many = reward_distribution({v: [1.0 if v % 5 == 0 else 0.0] * 4 for v in range(500)})
+    assert many["width"] == 5 and len(many["versions"]) == MAX_VERSION_COLUMNS
+    assert many["versions"][:3] == [0, 5, 10] and many["last"][:3] == [4, 9, 14] and many["last"][-1] == 499
+    assert many["n"] == [20] * MAX_VERSION_COLUMNS and many["bins"] == [0.0, 1.0]
+    assert all(share == [0.8, 0.2] for share in many["share"]) and all(m == 0.2 for m in many["mean"])
+
+    # versions need not start at 0 (a resumed run's log), and the last column may be partial
+    odd = reward_distribution({v: [0.5] for v in range(1000, 1301)})
+    assert odd["width"] == 4 and odd["versions"][0] == 1000 and odd["last"][-1] == 1300
+    assert odd["n"][-1] == 1 and sum(odd["n"]) == 301
+
+
+def test_time_left_uses_the_recent_pace():
+    started = 1000.0
+    # a 60 s start-up before step 0 ends, then 2 s a step: the whole-run average would be ~3.2 s a step
+    metrics = [{"step": s, "time": started + 60 + 2 * s} for s in range(50)]
+    pace = recent_pace(metrics, {"started_at": started}, window=20)
+    assert pace == {"s_per_step": 2.0, "steps": 20, "last_time": started + 60 + 98}
+    assert (metrics[-1]["time"] - started) / 50 > 3.1  # what the old estimate used
+
+    # a resumed run's second session (steps 40.. again, 5 s a step) is measured on its own records
+    resumed = metrics + [{"step": s, "time": 5000.0 + 5 * (s - 40)} for s in range(40, 44)]
+    assert recent_pace(resumed, {"started_at": 4990.0})["s_per_step"] == 5.0
+    assert recent_pace(resumed, {})["steps"] == 3
+
+    # one step: the time since the run started is all there is; no times at all: no estimate
+    assert recent_pace([{"step": 0, "time": 1030.0}], {"started_at": 1000.0})["s_per_step"] == 30.0
+    assert recent_pace([{"step": 0, "time": 1030.0}], {}) is None
+    assert recent_pace([{"step": 0, "reward/mean": 1.0}], {"started_at": 1000.0}) is None
+
+
+def test_queue_legend_in_words_with_units():
+    labels = {k: metric_label(k) for k in QUEUE_KEYS}
+    assert labels["datastore/train/depth/trainer"] == "rows ready for the trainer, not taken yet (rows)"
+    assert labels["datastore/train/unready/reward"] == "rows still waiting for their reward (rows)"
+    assert labels["datastore/waiting_puts"] == "writes blocked: store full (calls)"
+    assert metric_label("datastore/eval/in_flight/judge") == "rows judge took and has not released, partition eval (rows)"
+    assert len(set(labels.values())) == len(labels)  # one legend entry per line
+    for key, text in labels.items():
+        assert "/" not in text and re.search(r"\((rows|calls)\)$", text), (key, text)
+    assert metric_label("time/wait_batch_s") == "wait batch (s)"
+    assert metric_label("reward/mean") == "reward/mean"  # a key without words is shown as it is
+
+
+def test_reader_keeps_latest_reward_errors_with_messages(tmp_path):
+    write_run(tmp_path, "errs", steps=6, versions=4, now=2000.0)  # 32 samples, 5 of them errors (i % 7 == 3)
+    reader = RunReader(tmp_path)
+    reader.refresh()
+    snap = reader.snapshot()
+    assert snap["errors_total"] == 5 and snap["name"] == "errs"
+    assert [e["index"] for e in snap["errors"]] == [31, 24, 17, 10, 3]  # newest first
+    assert snap["errors"][0] == {"error": "raised ValueError: no number in sample 31", "version": 3, "index": 31,
+                                 "prompt": "31+3=", "response": "34"}
+    assert snap["labels"]["datastore/train/depth/trainer"] == metric_label("datastore/train/depth/trainer")
+    assert snap["pace"]["s_per_step"] == 2.0 and snap["pace"]["last_time"] == 2000.0
+
+
+def test_server_overlays_several_runs(tmp_path):
+    a = write_run(tmp_path / "a", "run-a", steps=4, versions=2)
+    b = write_run(tmp_path / "b", "run-b", steps=6, versions=3, skill=0.5)
+    server = DashboardServer([a, b], "127.0.0.1", 0, poll_s=0.2).start()
+    try:
+        stream = EventStream(server.url + "events")
+        snaps = [stream.next() for _ in range(2)]
+        assert [(n, d["run"], d["runs"], d["name"], len(d["metrics"])) for n, d in snaps] == \
+            [("snapshot", 0, 2, "run-a", 4), ("snapshot", 1, 2, "run-b", 6)]
+        write_lines(b / "metrics.jsonl", [{"step": 6, "reward/mean": 0.9}])
+        server.poke()
+        name, delta = stream.next()
+        assert (name, delta["run"], [m["step"] for m in delta["metrics"]]) == ("delta", 1, [6])
+        assert get_json(server.url + "api/snapshot?run=1")["name"] == "run-b"
+        assert len(get_json(server.url + "api/samples?run=1&limit=1000")["rows"]) == 24
+        assert len(get_json(server.url + "api/samples?limit=1000")["rows"]) == 16  # run 0 by default
+    finally:
+        server.stop()
+
+
+def test_cli_exports_one_self_contained_html_file(tmp_path, capsys):
+    a = write_run(tmp_path / "a", "run-a", steps=5)
+    b = write_run(tmp_path / "b", "run-b", steps=3)
+    (a / "metrics.jsonl").open("a").write(json.dumps({"step": 5, "note": "</script><b>"}) + "\n")
+    out = tmp_path / "out" / "report.html"
+    assert cli_main(["dashboard", str(a), str(b), "--export", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    page = out.read_text()
+    markup = re.sub(r"<script>.*?</script>", "", page, flags=re.S)  # the page outside its inlined scripts
+    assert "<style>" in markup and not re.search(r"(src|href)=\"(/|https?:)", markup)  # nothing to fetch
+    assert page.count("</script>") == 3  # plotly, the data, app.js: none from the data's text
+    assert "Plotly" in page and "window.STREAMRL_EXPORT = " in page and "streamrlDashboard" in page
+    data = json.loads(page.split("window.STREAMRL_EXPORT = ", 1)[1].split(";</script>", 1)[0])
+    assert [(r["name"], r["run"], r["runs"], len(r["metrics"])) for r in data["runs"]] == \
+        [("run-a", 0, 2, 6), ("run-b", 1, 2, 3)]
+    assert data["runs"][0]["metrics"][-1]["note"] == "</script><b>"
+    assert [len(s["rows"]) for s in data["samples"]] == [40, 24]
+    assert [r["name"] for r in export_data([a, b])["runs"]] == ["run-a", "run-b"]
+
+    assert cli_main(["dashboard", str(tmp_path / "nope"), "--export", str(out)]) == 1
+    assert "run directory not found" in capsys.readouterr().err
+
+
+def test_a_browser_that_hangs_up_leaves_no_traceback(tmp_path):
+    """Tabs closed and connections reset (a streaming one and a kept-alive one) are routine: the console of
+    `streamrl dashboard` stays clean."""
+    write_run(tmp_path, "hangup", steps=3)
+    proc = subprocess.Popen([sys.executable, "-m", "rl.cli", "dashboard", str(tmp_path), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", line)[1]) if "http://" in line else None
+        assert port, f"`streamrl dashboard` printed {line!r}, not its URL"
+        for path in ("/events", "/"):  # the stream, and a page fetch whose connection is kept alive after it
+            conn = socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT)
+            conn.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert conn.recv(1024).startswith(b"HTTP/1.1 200")
+            time.sleep(0.3)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+            conn.close()
+        write_lines(tmp_path / "metrics.jsonl", [{"step": 3, "reward/mean": 1.0}])  # the stream has news to write
+        time.sleep(1.5)
+        assert get_json(f"http://127.0.0.1:{port}/api/snapshot")["cursor"]["metrics"] == 4  # still serving
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        _, err = proc.communicate(timeout=30)
+    assert "Traceback" not in err and "Exception" not in err, err

@@ -1,4 +1,5 @@
-"""The live dashboard of a run (docs/dashboard.md): a small HTTP server over the run directory's files."""
+"""The live dashboard of a run (docs/dashboard.md): a small HTTP server over run directories' files (one run,
+or several overlaid), and its offline export to one self-contained HTML file (rl.dashboard.export)."""
 
 from rl.dashboard.server import DashboardServer, node_ip, plotly_js
 

@@ -5,8 +5,9 @@ metrics.jsonl and timeline.jsonl (a line still being written waits for the next 
 record batches of the data store's rollout log (<run_dir>/datastore, docs/datastore.md). The live server and
 `streamrl dashboard RUN_DIR` both use it, so a finished run looks the same as it did live.
 
-From the rollout log it keeps per-version rewards (for the reward distribution) and the most recent samples
-(for the table and its search); the metrics and spans are kept whole for the charts.
+From the rollout log it keeps per-version rewards (for the reward distribution), the most recent samples
+(for the table and its search) and the latest reward errors (their messages are in the log's `reward_info`
+column); the metrics and spans are kept whole for the charts.
 """
 
 from __future__ import annotations
@@ -23,12 +24,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from datastore.log import partitions, segments
+from rl.dashboard.labels import metric_label
 
 SAMPLE_COLUMNS = ["prompt", "response", "reward", "version", "finish_reason", "worker", "response_ids"]
 MAX_SAMPLES = 5000  # recent samples kept for the table and its search
 MAX_SPANS = 200_000  # timeline spans kept (oldest dropped first)
 TEXT_CHARS = 4000  # longest prompt / response text kept per sample
 REWARD_BINS = 20
+MAX_VERSION_COLUMNS = 100  # past this many policy versions the reward heatmap pools neighbouring versions
+MAX_ERRORS = 20  # latest reward errors kept (with their messages)
+RECENT_STEPS = 20  # the time-left estimate uses the pace of the last this many steps
 
 
 class JsonlTail:
@@ -115,7 +120,7 @@ def _read_messages(path: Path, offset: int, schema: pa.Schema | None) -> tuple[i
 
 def _sample_rows(batch: pa.RecordBatch) -> list[dict[str, Any]]:
     names = set(batch.schema.names)
-    cols = {c: batch.column(c).to_pylist() for c in ["index", "_logged_at", *SAMPLE_COLUMNS]
+    cols = {c: batch.column(c).to_pylist() for c in ["index", "_logged_at", "reward_info", *SAMPLE_COLUMNS]
             if c in names and c != "response_ids"}
     if "response_ids" in names:
         cols["length"] = pc.list_value_length(batch.column("response_ids")).to_pylist()
@@ -126,8 +131,23 @@ def _sample_rows(batch: pa.RecordBatch) -> list[dict[str, Any]]:
             if isinstance(row.get(k), str) and len(row[k]) > TEXT_CHARS:
                 row[k] = row[k][:TEXT_CHARS] + " …"
         row["logged_at"] = row.pop("_logged_at", None)
+        error = reward_error(row.pop("reward_info", None))
+        if error:
+            row["error"] = error
         out.append(row)
     return out
+
+
+def reward_error(info: Any) -> str:
+    """The error message in a row's `reward_info` (JSON written by the reward worker), or ""."""
+    if not isinstance(info, str) or not info:
+        return ""
+    try:
+        parsed = json.loads(info)
+    except ValueError:
+        return ""
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    return str(error) if error else ""
 
 
 class RunReader:
@@ -147,6 +167,9 @@ class RunReader:
         self.samples: deque[dict[str, Any]] = deque(maxlen=MAX_SAMPLES)
         self.samples_total = 0
         self.rewards: dict[int, list[float]] = {}
+        self.errors: deque[dict[str, Any]] = deque(maxlen=MAX_ERRORS)
+        self.errors_total = 0
+        self.labels: dict[str, str] = {}
         self.status: dict[str, Any] = {}
         self.version = 0  # bumped whenever anything changed
 
@@ -164,6 +187,10 @@ class RunReader:
         with self.lock:
             changed = bool(metrics or spans or samples) or status != self.status
             self.metrics.extend(metrics)
+            for record in metrics:
+                for key in record:
+                    if key not in self.labels:
+                        self.labels[key] = metric_label(key)
             self.spans.extend(spans)
             if len(self.spans) > MAX_SPANS:
                 cut = len(self.spans) - MAX_SPANS
@@ -173,6 +200,11 @@ class RunReader:
                 r, v = s.get("reward"), s.get("version")
                 if isinstance(r, (int, float)) and math.isfinite(r) and isinstance(v, int):
                     self.rewards.setdefault(v, []).append(float(r))
+                if s.get("error"):
+                    self.errors.append(clean({"error": s["error"], "version": v, "index": s.get("index"),
+                                              "prompt": _short(s.get("prompt")),
+                                              "response": _short(s.get("response"))}))
+                    self.errors_total += 1
             self.samples.extend(clean(s) for s in samples)
             self.samples_total += len(samples)
             self.status = status
@@ -186,53 +218,40 @@ class RunReader:
         except (FileNotFoundError, ValueError):
             return self.status  # not written yet, or caught mid-replace: keep the last one
 
+    @property
+    def name(self) -> str:
+        """The run's name (status.json's, else the directory's): the legend entry when runs are compared."""
+        return str(self.status.get("name") or self.run_dir.name)
+
     # ------------------------------------------------------------------ what the page gets
     def snapshot(self) -> dict[str, Any]:
         """The whole state; `cursor` says where the next `delta` starts."""
         with self.lock:
-            return {"kind": "snapshot", "run_dir": str(self.run_dir), "status": self.status,
+            return {"kind": "snapshot", "run_dir": str(self.run_dir), "name": self.name, "status": self.status,
                     "metrics": list(self.metrics), "spans": list(self.spans), "rewards": self._reward_dist(),
-                    "samples_total": self.samples_total, "cursor": self._cursor()}
+                    **self._small(), "cursor": self._cursor()}
 
     def delta(self, cursor: dict[str, int]) -> dict[str, Any]:
         """What was added since `cursor` (from a snapshot or the last delta)."""
         with self.lock:
             m0 = cursor["metrics"]
             s0 = max(cursor["spans"] - self.spans_dropped, 0)
-            return {"kind": "delta", "status": self.status, "metrics": self.metrics[m0:], "spans": self.spans[s0:],
+            return {"kind": "delta", "name": self.name, "status": self.status, "metrics": self.metrics[m0:],
+                    "spans": self.spans[s0:],
                     "rewards": self._reward_dist() if cursor["samples"] != self.samples_total else None,
-                    "samples_total": self.samples_total, "cursor": self._cursor()}
+                    **self._small(), "cursor": self._cursor()}
+
+    def _small(self) -> dict[str, Any]:
+        """The parts sent whole with every event (each a few KB at most)."""
+        return {"samples_total": self.samples_total, "pace": recent_pace(self.metrics, self.status),
+                "labels": dict(self.labels), "errors": list(reversed(self.errors)), "errors_total": self.errors_total}
 
     def _cursor(self) -> dict[str, int]:
         return {"metrics": len(self.metrics), "spans": self.spans_dropped + len(self.spans),
                 "samples": self.samples_total}
 
     def _reward_dist(self) -> dict[str, Any]:
-        """Per policy version: count, mean, and the share of its samples in each reward bin. Bins are the
-        distinct rewards when there are at most REWARD_BINS of them (0/1 rewards: two rows), else REWARD_BINS
-        equal bins spanning every reward seen; `bins` holds each bin's value (its centre)."""
-        versions = sorted(self.rewards)
-        if not versions:
-            return {"versions": []}
-        distinct = sorted({x for xs in self.rewards.values() for x in xs})
-        if len(distinct) <= REWARD_BINS:
-            where = {x: i for i, x in enumerate(distinct)}
-            bins, place = distinct, where.__getitem__
-        else:
-            lo, width = distinct[0], (distinct[-1] - distinct[0]) / REWARD_BINS
-            bins = [lo + (i + 0.5) * width for i in range(REWARD_BINS)]
-            place = lambda x: min(int((x - lo) / width), REWARD_BINS - 1)  # noqa: E731
-        out: dict[str, Any] = {"versions": versions, "bins": bins, "discrete": len(distinct) <= REWARD_BINS,
-                               "n": [], "mean": [], "share": []}
-        for v in versions:
-            xs = self.rewards[v]
-            counts = [0] * len(bins)
-            for x in xs:
-                counts[place(x)] += 1
-            out["n"].append(len(xs))
-            out["mean"].append(sum(xs) / len(xs))
-            out["share"].append([c / len(xs) for c in counts])
-        return out
+        return reward_distribution(self.rewards)
 
     def search_samples(self, query: str = "", limit: int = 100) -> dict[str, Any]:
         """The newest kept samples whose prompt, response, version or reward contains `query` (any case)."""
@@ -250,8 +269,77 @@ class RunReader:
                 "has_log": (self.run_dir / "datastore").exists()}
 
 
+def reward_distribution(rewards: dict[int, list[float]], max_columns: int = MAX_VERSION_COLUMNS) -> dict[str, Any]:
+    """Per column of policy versions: count, mean, and the share of its samples in each reward bin.
+
+    A column is one version, or, past `max_columns` versions, `width` consecutive ones pooled (500 versions
+    drawn one column each make a barcode); `versions` holds each column's first version, `last` its last.
+    Bins are the distinct rewards when there are at most REWARD_BINS of them (0/1 rewards: two rows), else
+    REWARD_BINS equal bins spanning every reward seen; `bins` holds each bin's value (its centre)."""
+    if not rewards:
+        return {"versions": []}
+    lo_v, hi_v = min(rewards), max(rewards)
+    width = max(1, math.ceil((hi_v - lo_v + 1) / max_columns))
+    columns: dict[int, list[float]] = {}
+    for v in sorted(rewards):
+        columns.setdefault(lo_v + (v - lo_v) // width * width, []).extend(rewards[v])
+    versions = sorted(columns)
+    distinct = sorted({x for xs in columns.values() for x in xs})
+    if len(distinct) <= REWARD_BINS:
+        where = {x: i for i, x in enumerate(distinct)}
+        bins, place = distinct, where.__getitem__
+    else:
+        lo, step = distinct[0], (distinct[-1] - distinct[0]) / REWARD_BINS
+        bins = [lo + (i + 0.5) * step for i in range(REWARD_BINS)]
+        place = lambda x: min(int((x - lo) / step), REWARD_BINS - 1)  # noqa: E731
+    out: dict[str, Any] = {"versions": versions, "last": [min(v + width - 1, hi_v) for v in versions],
+                           "width": width, "bins": bins, "discrete": len(distinct) <= REWARD_BINS,
+                           "n": [], "mean": [], "share": []}
+    for v in versions:
+        xs = columns[v]
+        counts = [0] * len(bins)
+        for x in xs:
+            counts[place(x)] += 1
+        out["n"].append(len(xs))
+        out["mean"].append(sum(xs) / len(xs))
+        out["share"].append([c / len(xs) for c in counts])
+    return out
+
+
+def recent_pace(metrics: list[dict[str, Any]], status: dict[str, Any],
+                window: int = RECENT_STEPS) -> dict[str, Any] | None:
+    """Seconds per step over the last `window` steps of this session, for the time-left estimate.
+
+    The whole-run average counts the start-up (engines loading, compiling) and any slow first steps, and so
+    overestimates what is left for a long while. Records are taken from the end of metrics.jsonl back to
+    where the step stops falling (a resumed run's session starts over at its checkpoint's step). With one
+    step only, the pace since `status.started_at` is all there is. None: no step with a time yet."""
+    times: list[float] = []
+    step = None
+    for record in reversed(metrics):
+        t, s = record.get("time"), record.get("step")
+        if not (_finite(t) and isinstance(s, int)) or (step is not None and s >= step):
+            break
+        times.append(float(t))
+        step = s
+        if len(times) > window:
+            break
+    if not times:
+        return None
+    if len(times) == 1:
+        started = status.get("started_at")
+        if not _finite(started) or times[0] <= started:
+            return None
+        return {"s_per_step": times[0] - started, "steps": 1, "last_time": times[0]}
+    return {"s_per_step": (times[0] - times[-1]) / (len(times) - 1), "steps": len(times) - 1, "last_time": times[0]}
+
+
 def _haystack(s: dict[str, Any]) -> str:
     return " ".join(str(s.get(k, "")) for k in ("prompt", "response", "version", "reward", "worker")).lower()
+
+
+def _short(text: Any, chars: int = 300) -> Any:
+    return text[:chars] + " …" if isinstance(text, str) and len(text) > chars else text
 
 
 def _finite(x: Any) -> bool:

@@ -1,15 +1,20 @@
 """The dashboard's HTTP server: the page, its scripts (plotly.js from the installed plotly package, so the page
-works offline), JSON endpoints, and a server-sent-events stream of what a run directory gains.
+works offline), JSON endpoints, and a server-sent-events stream of what one or more run directories gain
+(several: the page overlays their curves to compare the runs).
 
 Why the standard library (`http.server.ThreadingHTTPServer` in daemon threads) and not uvicorn/aiohttp: the
 server lives inside the driver, whose main thread runs the controller's asyncio loop; a thread per open page
 with blocking reads never touches that loop, needs no second event loop, no signal handlers and no new
 dependency, and a few pages at once is all a dashboard serves.
 
-Live updates: one poller thread refreshes the `RunReader` (rl.dashboard.reader) every `poll_s`, or at once
-when `poke()` is called (MetricsLogger does after each step). Each page holds one `GET /events` stream: a
-`snapshot` event with everything, then a `delta` event with only what was appended whenever something
-changed, a comment every `KEEPALIVE_S` otherwise, and an `end` event when a live run's server stops.
+Live updates: one poller thread refreshes each run's `RunReader` (rl.dashboard.reader) every `poll_s`, or at
+once when `poke()` is called (MetricsLogger does after each step). Each page holds one `GET /events` stream:
+a `snapshot` event per run with everything, then a `delta` event for a run with only what it appended
+whenever it changed, a comment every `KEEPALIVE_S` otherwise, and an `end` event when a live run's server
+stops. Every event's data names its run by position (`run`: 0, 1, ...).
+
+A browser that goes away (a closed tab, a reset connection) ends its request thread quietly: the server
+logs it at debug level instead of printing socketserver's traceback on the console.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import sys
 import threading
 import time
 from http import HTTPStatus
@@ -46,12 +52,29 @@ def plotly_js() -> Path:
     return path
 
 
-class DashboardServer:
-    """Serves one run directory. `start()` in background threads (a live run), or `serve_forever()`."""
+class QuietHTTPServer(ThreadingHTTPServer):
+    """A threading HTTP server that takes a client hanging up as normal, not as an error to print."""
 
-    def __init__(self, run_dir: Path, host: str = "127.0.0.1", port: int = 0, poll_s: float = 0.5) -> None:
-        self.run_dir = Path(run_dir)
-        self.reader = RunReader(self.run_dir)
+    daemon_threads = True
+    block_on_close = False
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):  # reset, aborted, broken pipe: the page went away
+            log.debug("dashboard: %s went away (%s)", client_address, exc)
+        else:
+            log.warning("dashboard: a request from %s failed", client_address, exc_info=True)
+
+
+class DashboardServer:
+    """Serves one run directory, or several to compare. `start()` in background threads (a live run), or
+    `serve_forever()`."""
+
+    def __init__(self, run_dir: Path | list[Path], host: str = "127.0.0.1", port: int = 0,
+                 poll_s: float = 0.5) -> None:
+        dirs = [Path(d) for d in run_dir] if isinstance(run_dir, (list, tuple)) else [Path(run_dir)]
+        self.readers = [RunReader(d) for d in dirs]
+        self.run_dir, self.reader = dirs[0], self.readers[0]
         self.poll_s = poll_s
         self.files = {"/": (STATIC / "index.html", "text/html; charset=utf-8"),
                       "/static/app.js": (STATIC / "app.js", "text/javascript; charset=utf-8"),
@@ -62,9 +85,7 @@ class DashboardServer:
         self.stopping = False
         self.streams = 0  # open /events streams
         self.wake = threading.Event()
-        self.httpd = ThreadingHTTPServer((host, port), _handler(self))
-        self.httpd.daemon_threads = True
-        self.httpd.block_on_close = False
+        self.httpd = QuietHTTPServer((host, port), _handler(self))
         self.host = host
         self.port = self.httpd.server_address[1]
         self.threads: list[threading.Thread] = []
@@ -75,7 +96,7 @@ class DashboardServer:
         return f"http://{host}:{self.port}/"
 
     def start(self) -> "DashboardServer":
-        self.reader.refresh()
+        self.refresh()
         for target, name in ((self.httpd.serve_forever, "dashboard-http"), (self._poll, "dashboard-poll")):
             t = threading.Thread(target=target, name=f"streamrl-{name}", daemon=True)
             t.start()
@@ -100,7 +121,7 @@ class DashboardServer:
     def stop(self, final: bool = False) -> None:
         """Stop serving. `final` (the run ended): read the files once more and give open pages up to
         FINAL_PUSH_S to receive that last state and the `end` event."""
-        if final and self.reader.refresh():
+        if final and self.refresh():
             self._bump()
         with self.cond:
             self.stopping = True
@@ -113,14 +134,18 @@ class DashboardServer:
         for t in self.threads:
             t.join(timeout=5)
 
+    def refresh(self) -> bool:
+        """Read what every run directory gained; True if any changed."""
+        return any([reader.refresh() for reader in self.readers])  # a list: refresh them all
+
     # ------------------------------------------------------------------ internals
     def _poll(self) -> None:
         while not self.stopping:
             try:
-                if self.reader.refresh():
+                if self.refresh():
                     self._bump()
             except Exception:  # a file caught mid-write in a way not foreseen: try again next time
-                log.exception("dashboard: reading %s failed; retrying", self.run_dir)
+                log.exception("dashboard: reading %s failed; retrying", ", ".join(str(r.run_dir) for r in self.readers))
             self.wake.wait(self.poll_s)
             self.wake.clear()
 
@@ -164,17 +189,22 @@ def _handler(server: DashboardServer) -> type[BaseHTTPRequestHandler]:
                     self._send(HTTPStatus.OK, path.read_bytes(), ctype,
                                cache="max-age=86400" if url.path.endswith(".min.js") else "no-cache")
                 elif url.path == "/api/snapshot":
-                    self._json(server.reader.snapshot())
+                    self._json(self._reader(query).snapshot())
                 elif url.path == "/api/samples":
-                    self._json(server.reader.search_samples(query.get("q", ""), _int(query.get("limit"), 100, 1, 1000)))
+                    self._json(self._reader(query).search_samples(query.get("q", ""),
+                                                                 _int(query.get("limit"), 100, 1, 1000)))
                 elif url.path == "/events":
                     self._events()
                 elif url.path == "/healthz":
                     self._send(HTTPStatus.OK, b"ok\n", "text/plain")
                 else:
                     self._send(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
-            except (BrokenPipeError, ConnectionResetError):
+            except ConnectionError:
                 pass  # the page went away
+
+        def _reader(self, query: dict[str, str]) -> RunReader:
+            """The run `?run=N` names (0, the first, by default)."""
+            return server.readers[_int(query.get("run"), 0, 0, len(server.readers) - 1)]
 
         def _events(self) -> None:
             self.send_response(HTTPStatus.OK)
@@ -187,9 +217,12 @@ def _handler(server: DashboardServer) -> type[BaseHTTPRequestHandler]:
                 server.streams += 1
             try:
                 seen = server.seq
-                snap = server.reader.snapshot()
-                cursor = snap["cursor"]
-                self._event("snapshot", snap, retry_ms=2000)
+                cursors, versions = [], []
+                for i, reader in enumerate(server.readers):
+                    versions.append(reader.version)
+                    snap = reader.snapshot()
+                    cursors.append(snap["cursor"])
+                    self._event("snapshot", {**snap, "run": i, "runs": len(server.readers)}, retry_ms=2000)
                 while True:
                     seq = server.wait_change(seen, KEEPALIVE_S)
                     if seq == seen and not server.stopping:
@@ -197,13 +230,16 @@ def _handler(server: DashboardServer) -> type[BaseHTTPRequestHandler]:
                         self.wfile.flush()
                         continue
                     seen = seq
-                    delta = server.reader.delta(cursor)
-                    cursor = delta["cursor"]
-                    self._event("delta", delta)
+                    for i, reader in enumerate(server.readers):
+                        if reader.version != versions[i] or server.stopping:
+                            versions[i] = reader.version
+                            delta = reader.delta(cursors[i])
+                            cursors[i] = delta["cursor"]
+                            self._event("delta", {**delta, "run": i})
                     if server.stopping:
-                        self._event("end", {"status": delta["status"]})
+                        self._event("end", {"status": server.reader.status})
                         return
-            except (BrokenPipeError, ConnectionResetError, OSError):
+            except OSError:  # the page went away (ConnectionError is an OSError)
                 return
             finally:
                 with server.cond:

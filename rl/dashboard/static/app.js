@@ -1,35 +1,50 @@
-// The streamrl dashboard page: one server-sent-events stream (/events) brings a snapshot of the run, then
+// The streamrl dashboard page: one server-sent-events stream (/events) brings a snapshot of each run, then
 // deltas with what its files gained; every chart is redrawn from that state (coalesced to a few per second).
+// With several runs their curves are overlaid (legend: run name); the header, heatmap, timeline, errors and
+// samples show the run picked in the header. An exported file (streamrl dashboard --export) carries the same
+// snapshots in window.STREAMRL_EXPORT and opens without a server.
 "use strict";
 
-const S = {           // the run as this page knows it; window.streamrlDashboard for tests and the console
-  metrics: [], spans: [], rewards: {versions: []}, status: {}, samplesTotal: 0,
-  snapshots: 0, deltas: 0, renders: 0, ended: false, lastEvent: null,
+const S = {           // the runs as this page knows them; window.streamrlDashboard for tests and the console
+  runs: [], focus: 0, snapshots: 0, deltas: 0, renders: 0, ended: false, lastEvent: null, exported: false,
 };
 window.streamrlDashboard = S;
 
-const CONFIG = {displaylogo: false, responsive: true, modeBarButtonsToRemove: ["lasso2d", "select2d"]};
+const CONFIG = {displayModeBar: "hover", displaylogo: false, responsive: true,
+                modeBarButtonsToRemove: ["lasso2d", "select2d"]};
 const KIND_COLORS = {generate: "#2f6fde", load_weights: "#f28e2b", train: "#3a9e4f", sync: "#d1495b",
                      reward: "#8c6bc8", idle: "#c9ced8", wait: "#c9ced8", checkpoint: "#8d6e63"};
 const PALETTE = ["#17becf", "#bcbd22", "#e377c2", "#7f7f7f", "#9edae5", "#ff9896"];
+const RUN_COLORS = ["#2f6fde", "#d1495b", "#3a9e4f", "#f28e2b", "#8c6bc8", "#17becf", "#8d6e63", "#e377c2"];
+const DASHES = ["solid", "dot", "dash", "dashdot", "longdash", "longdashdot"];
 const MAX_SPANS = 200000;
 const $ = (id) => document.getElementById(id);
 
 // ---------------------------------------------------------------- state from the stream
 function applySnapshot(d) {
-  S.metrics = d.metrics; S.spans = d.spans; S.rewards = d.rewards; S.status = d.status;
-  S.samplesTotal = d.samples_total; S.runDir = d.run_dir; S.snapshots += 1;
+  S.runs[d.run || 0] = {
+    name: d.name, runDir: d.run_dir, metrics: d.metrics, spans: d.spans, rewards: d.rewards, status: d.status,
+    samplesTotal: d.samples_total, pace: d.pace, labels: d.labels || {}, errors: d.errors || [],
+    errorsTotal: d.errors_total || 0, view: [],
+  };
+  S.runs.length = Math.min(S.runs.length, d.runs || 1);
+  S.snapshots += 1;
 }
 
 function applyDelta(d) {
-  S.metrics.push(...d.metrics);
-  S.spans.push(...d.spans);
-  if (S.spans.length > MAX_SPANS) S.spans.splice(0, S.spans.length - MAX_SPANS);  // as the server keeps
-  if (d.rewards) S.rewards = d.rewards;
-  S.status = d.status; S.samplesTotal = d.samples_total; S.deltas += 1;
+  const r = S.runs[d.run || 0];
+  if (!r) return;  // a delta before its snapshot cannot happen on one stream; ignore rather than break
+  r.metrics.push(...d.metrics);
+  r.spans.push(...d.spans);
+  if (r.spans.length > MAX_SPANS) r.spans.splice(0, r.spans.length - MAX_SPANS);  // as the server keeps
+  if (d.rewards) r.rewards = d.rewards;
+  Object.assign(r, {name: d.name, status: d.status, samplesTotal: d.samples_total, pace: d.pace,
+                    labels: d.labels || r.labels, errors: d.errors || r.errors, errorsTotal: d.errors_total || 0});
+  S.deltas += 1;
 }
 
 function connect() {
+  if (window.STREAMRL_EXPORT) { loadExport(window.STREAMRL_EXPORT); return; }
   const es = new EventSource("/events");
   es.onopen = () => setConn("live", "live");
   es.addEventListener("snapshot", (e) => { applySnapshot(JSON.parse(e.data)); seen(); });
@@ -41,6 +56,13 @@ function connect() {
   es.onerror = () => { if (!S.ended) setConn("down", "reconnecting…"); };
 }
 
+function loadExport(data) {
+  for (const snap of data.runs) applySnapshot(snap);
+  S.exported = true; S.exportSamples = data.samples;
+  setConn("export", "exported file: a copy of the run as it was, no server");
+  render();
+}
+
 function seen() { S.lastEvent = Date.now(); schedule(); }
 function setConn(cls, text) { const c = $("conn"); c.className = "conn " + cls; c.textContent = text; }
 
@@ -49,30 +71,60 @@ function schedule() { if (!pending) pending = setTimeout(() => { pending = null;
 
 // ---------------------------------------------------------------- helpers
 const finite = (v) => typeof v === "number" && isFinite(v);
+const focus = () => S.runs[S.focus] || S.runs[0] || {metrics: [], spans: [], rewards: {versions: []}, status: {},
+                                                     labels: {}, errors: [], view: []};
+const multi = () => S.runs.length > 1;
 
-let VIEW = [];  // the metrics by step, the last record of a step winning (a resumed run repeats the steps
-               // after its checkpoint), sorted by step; rebuilt on each render
-
-function byStep(records) {
-  const last = new Map();
+function byStep(records) {  // the metrics by step, the last record of a step winning (a resumed run repeats the
+  const last = new Map();   // steps after its checkpoint), sorted by step; rebuilt on each render
   for (const r of records) last.set(r.step, r);
   return [...last.values()].sort((a, b) => a.step - b.step);
 }
 
-function series(key) {
+function runNames() {  // the legend's run names: status.json's name, the directory's where two runs share one
+  const names = S.runs.map((r) => r.name || "run");
+  const dup = (n) => names.filter((x) => x === n).length > 1;
+  const dirs = S.runs.map((r, i) => dup(names[i]) ? (r.runDir || "").split("/").filter(Boolean).pop() || names[i] : names[i]);
+  return dirs.map((n, i) => dirs.filter((x) => x === n).length > 1 ? `${n} #${i + 1}` : n);
+}
+
+function series(run, key) {
   const x = [], y = [];
-  for (const r of VIEW) if (finite(r[key])) { x.push(r.step); y.push(r[key]); }
+  for (const r of run.view) if (finite(r[key])) { x.push(r.step); y.push(r[key]); }
   return {x, y};
 }
 
 function keys(re) {
   const out = new Set();
-  for (const r of VIEW) for (const k in r) if (re.test(k) && finite(r[k])) out.add(k);
+  for (const run of S.runs) for (const r of run.view) for (const k in r) if (re.test(k) && finite(r[k])) out.add(k);
   return [...out].sort();
 }
 
-function lines(ks, extra = {}) {
-  return ks.map((k) => ({...series(k), name: k, type: "scatter", mode: "lines+markers", marker: {size: 4}, ...extra}));
+function label(k) {
+  for (const run of S.runs) if (run.labels[k]) return run.labels[k];
+  return k;
+}
+
+// Line traces of `ks` for every run. One run: one trace per key, named by `names[k]` or the key's label.
+// Several: colour = run, dash = key; named by the run (and the key, when the chart has several or `keyInName`).
+function lines(ks, {names = {}, extra = {}, perKey = {}, keyInName = ks.length > 1} = {}) {
+  const out = [], runNamesNow = runNames();
+  S.runs.forEach((run, i) => ks.forEach((k, j) => {
+    const what = names[k] || label(k);
+    const t = {...series(run, k), type: "scatter", mode: "lines+markers", marker: {size: 4}, ...extra, ...(perKey[k] || {})};
+    if (!multi()) { out.push({...t, name: what}); return; }
+    const color = RUN_COLORS[i % RUN_COLORS.length];
+    out.push({...t, name: keyInName ? `${runNamesNow[i]} · ${what}` : runNamesNow[i], legendgroup: runNamesNow[i],
+              line: {...(t.line || {}), color, dash: DASHES[j % DASHES.length]}, marker: {...t.marker, color}});
+  }));
+  return out;
+}
+
+// A right-hand axis with round ticks of its own: plotly otherwise aligns them to the left axis's grid
+// ("sync"), which puts them at values such as 15.573.
+function rightAxis(title, extra = {}) {
+  return {title: {text: title}, overlaying: "y", side: "right", showgrid: false, tickmode: "auto", nticks: 6,
+          rangemode: "tozero", automargin: true, ...extra};
 }
 
 function draw(id, traces, layout = {}) {
@@ -85,7 +137,7 @@ function draw(id, traces, layout = {}) {
                                   xref: "paper", yref: "paper", x: 0.5, y: 0.5, font: {color: "#999"}}],
   };
   delete layout.emptyText;
-  Plotly.react($(id), traces, {...base, ...layout, xaxis: {...base.xaxis, ...(layout.xaxis || {})}});
+  Plotly.react($(id), traces, {...base, ...layout, xaxis: {...base.xaxis, ...(layout.xaxis || {})}}, CONFIG);
 }
 
 function fmtDuration(s) {
@@ -96,40 +148,67 @@ function fmtDuration(s) {
 }
 
 // ---------------------------------------------------------------- header
-function stepsDone() {
-  const st = S.status;
-  return finite(st.steps_done) ? st.steps_done : VIEW.length;
+function stepsDone(run) {
+  const st = run.status;
+  return finite(st.steps_done) ? st.steps_done : run.view.length;
 }
 
 function renderHeader() {
-  const st = S.status;
-  $("run-name").textContent = st.name || "";
+  const run = focus(), st = run.status;
+  $("run-name").textContent = multi() ? runNames().join(" vs ") : st.name || run.name || "";
   const state = st.state || "waiting";
   $("state").textContent = state; $("state").className = "badge " + state;
-  $("step").textContent = stepsDone();
+  $("step").textContent = stepsDone(run);
   $("total").textContent = finite(st.total_steps) ? st.total_steps : "?";
-  $("run-dir").textContent = st.run_dir || S.runDir || "";
+  $("run-dir").textContent = st.run_dir || run.runDir || "";
   $("error").textContent = st.error || "";
   const links = $("links"); links.replaceChildren();
   for (const [name, url] of Object.entries(st.links || {})) {
     const a = document.createElement("a"); a.href = url; a.textContent = name; a.target = "_blank"; links.append(a);
   }
+  const pick = $("run-select"), names = runNames();
+  $("run-pick").hidden = !multi();
+  if (pick.options.length !== names.length || [...pick.options].some((o, i) => o.text !== names[i])) {
+    pick.replaceChildren(...names.map((n, i) => new Option(n, String(i))));
+  }
+  pick.value = String(S.focus);
+  for (const el of document.querySelectorAll(".run-of")) el.textContent = multi() ? `(run ${names[S.focus]})` : "";
   tick();
 }
 
+// Seconds left: steps left times the pace of the last steps (the server's `pace`: the whole-run average would
+// count the slow start-up), less the time the current step has run; the whole-run average only without it.
+function timeLeft(run, now) {
+  const st = run.status, left = (st.total_steps || 0) - stepsDone(run);
+  if (st.state !== "running") return {text: "–"};
+  if (left <= 0) return {text: "0s"};
+  const p = run.pace;
+  if (p && finite(p.s_per_step)) {
+    const since = Math.max(now - p.last_time, 0);
+    const s = Math.max(p.s_per_step * left - since, p.s_per_step * (left - 1));
+    return {text: fmtDuration(s), title: `${left} steps at ${p.s_per_step.toFixed(2)} s/step (the pace of the last ${p.steps} steps)`};
+  }
+  const done = stepsDone(run) - (st.start_step || 0), elapsed = now - st.started_at;
+  return done > 0 ? {text: fmtDuration(elapsed / done * left), title: "at the whole run's average pace"} : {text: "…"};
+}
+
 function tick() {
-  const st = S.status;
+  const run = focus(), st = run.status;
   if (!finite(st.started_at)) return;
-  const end = finite(st.finished_at) ? st.finished_at : Date.now() / 1000;
-  const elapsed = end - st.started_at;
-  $("elapsed").textContent = fmtDuration(elapsed);
-  const done = stepsDone() - (st.start_step || 0), left = (st.total_steps || 0) - stepsDone();
-  $("eta").textContent = st.state !== "running" ? "–" : done > 0 ? fmtDuration(elapsed / done * left) : "…";
+  const now = Date.now() / 1000, end = finite(st.finished_at) ? st.finished_at : now;
+  $("elapsed").textContent = fmtDuration(end - st.started_at);
+  const eta = timeLeft(run, now);
+  $("eta").textContent = eta.text;
+  $("eta-stat").title = eta.title || "";
 }
 
 // ---------------------------------------------------------------- charts
 function renderReward() {
-  const m = series("reward/mean"), sd = series("reward/std");
+  if (multi()) {  // one mean line per run; the ± std bands would hide each other
+    draw("chart-reward", lines(["reward/mean"]));
+    return;
+  }
+  const run = focus(), m = series(run, "reward/mean"), sd = series(run, "reward/std");
   const std = new Map(sd.x.map((x, i) => [x, sd.y[i]]));
   const lo = m.y.map((v, i) => v - (std.get(m.x[i]) || 0)), hi = m.y.map((v, i) => v + (std.get(m.x[i]) || 0));
   draw("chart-reward", [
@@ -140,26 +219,43 @@ function renderReward() {
   ]);
 }
 
+function versionColumns(r) {  // each heatmap column's x (its centre) and its versions in words
+  const x = r.versions.map((v, i) => (v + (r.last ? r.last[i] : v)) / 2);
+  const span = r.versions.map((v, i) => (r.last && r.last[i] !== v ? `versions ${v}–${r.last[i]}` : `version ${v}`));
+  return {x, span};
+}
+
 function renderRewardDist() {
-  const r = S.rewards;
+  const r = focus().rewards;
   if (!r.versions || !r.versions.length) {
     draw("chart-reward-dist", [], {emptyText: "no rollout log yet (<run_dir>/datastore)"});
     return;
   }
   const rows = r.discrete ? r.bins.map(String) : r.bins;  // distinct rewards: one equal-height row each
   const z = r.bins.map((_, b) => r.share.map((row) => row[b]));
-  draw("chart-reward-dist", [
-    {type: "heatmap", x: r.versions, y: rows, z, zmin: 0, zmax: 1, name: "share",
+  const {x, span} = versionColumns(r);
+  const traces = [
+    {type: "heatmap", x, y: rows, z, zmin: 0, zmax: 1, name: "share", customdata: r.bins.map(() => span),
      colorscale: [[0, "#ffffff"], [0.05, "#dbe7fb"], [1, "#1f5fbf"]],
      colorbar: {thickness: 10, len: 0.8, x: 1.12, title: {text: "share", side: "right"}},
-     hovertemplate: "version %{x}<br>reward ≈ %{y:.3g}<br>share %{z:.1%}<extra></extra>"},
-    {x: r.versions, y: r.mean, type: "scatter", mode: "lines+markers", name: "mean reward", yaxis: "y2",
-     line: {color: "#d1495b"}, customdata: r.n,
-     hovertemplate: "version %{x}: mean %{y:.3f} over %{customdata} samples<extra></extra>"},
-  ], {xaxis: {title: {text: "policy version that generated the sample"}},
-      yaxis: {title: {text: "reward"}, type: r.discrete ? "category" : "linear", automargin: true},
-      yaxis2: {overlaying: "y", side: "right", showgrid: false, title: {text: "mean"}, automargin: true,
-               range: r.discrete ? catRange(r.bins) : undefined}});
+     hovertemplate: "%{customdata}<br>reward ≈ %{y:.3g}<br>share %{z:.1%}<extra></extra>"},
+  ];
+  const names = runNames();
+  S.runs.forEach((run, i) => {
+    const d = run.rewards;
+    if (!d.versions || !d.versions.length || (i !== S.focus && !multi())) return;
+    const cols = versionColumns(d);
+    traces.push({x: cols.x, y: d.mean, type: "scatter", mode: "lines+markers", yaxis: "y2",
+                 name: multi() ? `${names[i]}: mean reward` : "mean reward",
+                 line: {color: multi() ? RUN_COLORS[i % RUN_COLORS.length] : "#d1495b"},
+                 customdata: d.n.map((n, k) => [cols.span[k], n]),
+                 hovertemplate: "%{customdata[0]}: mean %{y:.3f} over %{customdata[1]} samples<extra></extra>"});
+  });
+  const pooled = r.width > 1 ? ` (${r.width} versions a column)` : "";
+  draw("chart-reward-dist", traces,
+       {xaxis: {title: {text: `policy version that generated the sample${pooled}`}},
+        yaxis: {title: {text: "reward"}, type: r.discrete ? "category" : "linear", automargin: true},
+        yaxis2: rightAxis("mean", r.discrete ? {range: catRange(r.bins), rangemode: "normal"} : {rangemode: "normal"})});
 }
 
 function catRange(bins) {  // the value range that puts evenly spaced values on their category rows
@@ -170,65 +266,101 @@ function catRange(bins) {  // the value range that puts evenly spaced values on 
 function renderSimple(id, re, layout = {}) { draw(id, lines(keys(re)), layout); }
 
 function renderThroughput() {
-  const t = [
-    {...series("throughput/gen_tokens_per_s"), name: "tokens/s generated", type: "scatter", mode: "lines+markers",
-     marker: {size: 4}},
-    {...series("throughput/rewarded_per_s"), name: "samples/s rewarded", yaxis: "y2", type: "scatter",
-     mode: "lines+markers", marker: {size: 4}},
-    {...series("throughput/samples_per_s"), name: "samples/s trained", yaxis: "y2", type: "scatter",
-     mode: "lines+markers", marker: {size: 4}},
-  ];
-  draw("chart-throughput", t, {yaxis: {title: {text: "tokens/s"}, automargin: true},
-                               yaxis2: {title: {text: "samples/s"}, overlaying: "y", side: "right", automargin: true}});
+  const ks = ["throughput/gen_tokens_per_s", "throughput/rewarded_per_s", "throughput/samples_per_s"];
+  const names = {"throughput/gen_tokens_per_s": "tokens/s generated", "throughput/rewarded_per_s": "samples/s rewarded",
+                 "throughput/samples_per_s": "samples/s trained"};
+  const right = {yaxis: "y2"};
+  draw("chart-throughput", lines(ks, {names, perKey: {"throughput/rewarded_per_s": right, "throughput/samples_per_s": right}}),
+       {yaxis: {title: {text: "tokens/s"}, automargin: true, rangemode: "tozero"}, yaxis2: rightAxis("samples/s")});
 }
 
-function renderStaleness() {
+function stalenessTotals(run) {
   const total = new Map();
   let last = null;
-  for (const r of VIEW) {
+  for (const r of run.view) {
     const h = r["staleness/hist"];
     if (h && typeof h === "object") {
       last = h;
       for (const [lag, n] of Object.entries(h)) if (finite(n)) total.set(+lag, (total.get(+lag) || 0) + n);
     }
   }
-  const lags = [...total.keys()].sort((a, b) => a - b);
-  const sum = (f) => lags.reduce((n, l) => n + f(l), 0);
-  const nAll = sum((l) => total.get(l)), nLast = sum((l) => (last && last[l]) || 0);
+  return {total, last};
+}
+
+function renderStaleness() {
+  const per = S.runs.map(stalenessTotals), names = runNames();
+  const lags = [...new Set(per.flatMap((p) => [...p.total.keys()]))].sort((a, b) => a - b);
   if (!lags.length) {  // a controller that writes no staleness/hist yet: its mean and max per step
     renderSimple("chart-staleness", /^staleness\/(mean|max)$/, {yaxis: {title: {text: "versions"}, automargin: true},
                  emptyText: "no staleness metrics yet"});
     $("staleness-note").textContent = "(no staleness/hist in the metrics: mean and max per step)";
     return;
   }
-  const traces = [
-    {x: lags, y: lags.map((l) => total.get(l) / nAll), type: "bar", name: `whole run (${nAll} samples)`,
-     customdata: lags.map((l) => total.get(l)), hovertemplate: "lag %{x}: %{y:.1%} (%{customdata})<extra></extra>"},
-    {x: lags, y: lags.map((l) => ((last && last[l]) || 0) / (nLast || 1)), type: "bar",
-     name: `last step (${nLast} samples)`, marker: {color: "#f28e2b"}, hovertemplate: "lag %{x}: %{y:.1%}<extra></extra>"},
-  ];
+  const share = (m, l, n) => ((m && (m.get ? m.get(l) : m[l])) || 0) / (n || 1);
+  const count = (m) => lags.reduce((n, l) => n + ((m && (m.get ? m.get(l) : m[l])) || 0), 0);
+  const traces = [];
+  per.forEach(({total, last}, i) => {
+    const nAll = count(total), nLast = count(last);
+    if (!nAll) return;
+    const who = multi() ? `${names[i]}: ` : "";
+    traces.push({x: lags, y: lags.map((l) => share(total, l, nAll)), type: "bar", name: `${who}whole run (${nAll} samples)`,
+                 ...(multi() ? {marker: {color: RUN_COLORS[i % RUN_COLORS.length]}} : {}),
+                 customdata: lags.map((l) => total.get(l) || 0), hovertemplate: "lag %{x}: %{y:.1%} (%{customdata})<extra></extra>"});
+    if (!multi()) {
+      traces.push({x: lags, y: lags.map((l) => share(last, l, nLast)), type: "bar", name: `last step (${nLast} samples)`,
+                   marker: {color: "#f28e2b"}, hovertemplate: "lag %{x}: %{y:.1%}<extra></extra>"});
+    }
+  });
   draw("chart-staleness", traces, {
     barmode: "group", xaxis: {title: {text: "lag (versions)"}, dtick: 1},
     yaxis: {title: {text: "share of samples"}, tickformat: ".0%", automargin: true},
   });
-  const mean = series("staleness/mean"), max = series("staleness/max");
+  const run = focus(), mean = series(run, "staleness/mean"), max = series(run, "staleness/max");
   $("staleness-note").textContent = mean.y.length
-    ? `last step: mean ${mean.y[mean.y.length - 1].toFixed(2)}, max ${max.y.length ? max.y[max.y.length - 1] : "?"}` : "";
+    ? `last step${multi() ? ` of ${names[S.focus]}` : ""}: mean ${mean.y[mean.y.length - 1].toFixed(2)}, `
+      + `max ${max.y.length ? max.y[max.y.length - 1] : "?"}` : "";
 }
 
 function renderQueues() {
-  // queues per consumer; of the per-field counts only rows waiting for their reward (the rest move together)
+  // queues per consumer; of the per-field counts only rows waiting for their reward (the rest move together).
+  // The legend says each in words (rl/dashboard/labels.py); rows held, on the right axis, is of another scale.
   const ks = keys(/^datastore\/[^/]+\/(depth|in_flight)\/|^datastore\/[^/]+\/unready\/reward$|^datastore\/waiting_(puts|takes)$/);
   const traces = lines(ks);
-  const held = series("datastore/rows_held");
-  if (held.x.length) traces.push({...held, name: "datastore/rows_held", yaxis: "y2", type: "scatter", mode: "lines",
-                                  line: {dash: "dot", color: "#999"}});
-  draw("chart-queues", traces, {yaxis: {title: {text: "rows"}, automargin: true},
-                                yaxis2: {title: {text: "rows held"}, overlaying: "y", side: "right", automargin: true}});
+  if (keys(/^datastore\/rows_held$/).length) {
+    traces.push(...lines(["datastore/rows_held"], {keyInName: true, extra: {yaxis: "y2", mode: "lines",
+                                                           line: multi() ? {} : {dash: "dot", color: "#999"}}}));
+  }
+  draw("chart-queues", traces, {yaxis: {title: {text: "rows, calls"}, automargin: true, rangemode: "tozero"},
+                                yaxis2: rightAxis("rows held")});
 }
 
 function renderStepTime() {  // lines, not stacks: the trainer's times (time/update_s, ...) lie inside time/train_s
   draw("chart-steptime", lines(keys(/^time\/.+_s$/)), {yaxis: {title: {text: "seconds"}, automargin: true}});
+}
+
+function renderErrors() {
+  const traces = lines(["reward/errors"], {names: {"reward/errors": "errors"},
+                                           extra: multi() ? {} : {type: "bar", marker: {color: "#b3261e"}}});
+  draw("chart-errors", traces, {yaxis: {title: {text: "samples"}, automargin: true, rangemode: "tozero"},
+                                margin: {l: 55, r: 55, t: 8, b: 30}, showlegend: multi(),
+                                emptyText: "no reward/errors in the metrics yet"});
+  const run = focus(), total = series(run, "reward/errors").y.reduce((n, v) => n + v, 0);
+  $("errors-note").textContent = `${total} in the run` + (run.errorsTotal ? `, ${run.errorsTotal} in the rollout log` : "");
+  const list = $("errors-list");
+  list.replaceChildren(...run.errors.map((e) => {
+    const li = document.createElement("li"), msg = document.createElement("span"), where = document.createElement("span");
+    msg.className = "msg"; msg.textContent = e.error;
+    where.className = "where"; where.textContent = ` (version ${e.version ?? "?"}, sample ${e.index ?? "?"})`;
+    li.title = `prompt: ${e.prompt ?? ""}\nresponse: ${e.response ?? ""}`;
+    li.append(msg, where);
+    return li;
+  }));
+  if (!run.errors.length) {
+    const li = document.createElement("li"); li.className = "where none";
+    li.textContent = total ? "messages: in the rollout log's reward_info (<run_dir>/datastore), none read yet"
+                           : "no reward errors";
+    list.append(li);
+  }
 }
 
 // ---------------------------------------------------------------- timeline
@@ -249,9 +381,9 @@ function busyShare(spans, from, to) {
 }
 
 function renderTimeline() {
-  const spans = S.spans;
+  const run = focus(), spans = run.spans;
   if (!spans.length) { draw("chart-timeline", [], {emptyText: "no spans in timeline.jsonl yet"}); return; }
-  const t0 = finite(S.status.started_at) ? Math.min(S.status.started_at, spans[0][2]) : spans[0][2];
+  const t0 = finite(run.status.started_at) ? Math.min(run.status.started_at, spans[0][2]) : spans[0][2];
   let tEnd = 0;
   for (const s of spans) if (s[3] > tEnd) tEnd = s[3];
   const win = +$("timeline-window").value;
@@ -280,17 +412,28 @@ function renderTimeline() {
 }
 
 // ---------------------------------------------------------------- samples table
-let samplesShownFor = -1, samplesQuery = "", samplesTimer = null, samplesBusy = false;
+let samplesShownFor = "", samplesQuery = "", samplesTimer = null, samplesBusy = false;
+
+function exportedSamples(run, query) {  // an exported file's search: the same match as the server's, here
+  const d = S.exportSamples[run], q = query.trim().toLowerCase();
+  const hay = (x) => ["prompt", "response", "version", "reward", "worker"].map((k) => String(x[k] ?? "")).join(" ").toLowerCase();
+  return {...d, rows: d.rows.filter((x) => !q || hay(x).includes(q)).slice(0, 100)};
+}
 
 async function loadSamples() {
   if (samplesBusy) return;
   samplesBusy = true;
   try {
-    const ctl = new AbortController();
-    const timer = setTimeout(() => ctl.abort(), 10000);
-    const res = await fetch(`/api/samples?limit=100&q=${encodeURIComponent(samplesQuery)}`, {signal: ctl.signal});
-    clearTimeout(timer);
-    const d = await res.json();
+    let d;
+    if (S.exported) {
+      d = exportedSamples(S.focus, samplesQuery);
+    } else {
+      const ctl = new AbortController();
+      const timer = setTimeout(() => ctl.abort(), 10000);
+      const res = await fetch(`/api/samples?run=${S.focus}&limit=100&q=${encodeURIComponent(samplesQuery)}`, {signal: ctl.signal});
+      clearTimeout(timer);
+      d = await res.json();
+    }
     const body = $("samples").tBodies[0];
     body.replaceChildren(...d.rows.map(sampleRow));
     $("samples-info").textContent = !d.has_log
@@ -316,12 +459,13 @@ function sampleRow(s) {
 }
 
 function maybeLoadSamples() {
-  if (S.samplesTotal !== samplesShownFor) { samplesShownFor = S.samplesTotal; loadSamples(); }
+  const now = `${S.focus}:${focus().samplesTotal}`;
+  if (now !== samplesShownFor) { samplesShownFor = now; loadSamples(); }
 }
 
 // ---------------------------------------------------------------- all of it
 function render() {
-  VIEW = byStep(S.metrics);
+  for (const run of S.runs) run.view = byStep(run.metrics);
   renderHeader();
   renderReward();
   renderRewardDist();
@@ -335,6 +479,7 @@ function render() {
   renderStaleness();
   renderQueues();
   renderStepTime();
+  renderErrors();
   renderTimeline();
   maybeLoadSamples();
   S.renders += 1;
@@ -345,5 +490,6 @@ $("search").addEventListener("input", (e) => {
   samplesTimer = setTimeout(() => { samplesQuery = e.target.value; loadSamples(); }, 250);
 });
 $("timeline-window").addEventListener("change", renderTimeline);
+$("run-select").addEventListener("change", (e) => { S.focus = +e.target.value; render(); });
 setInterval(tick, 1000);
 connect();

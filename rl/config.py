@@ -341,7 +341,7 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | No
             if "=" not in item:
                 raise RecipeError(f"Override {item!r} is not of the form key=value (e.g. rollout.temperature=0.7)")
         # `key=` means the empty string (OmegaConf would read None, which a str key rejects)
-        dot = OmegaConf.from_dotlist([f"{item}''" if item.endswith("=") else item for item in overrides])
+        dot = _from_dotlist([f"{item}''" if item.endswith("=") else item for item in overrides])
         _check_keys(OmegaConf.to_container(dot), "", "command-line overrides")
         layers.append((dot, "command-line overrides"))
     merged = OmegaConf.structured(Recipe)
@@ -355,6 +355,21 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | No
         raise RecipeError(_type_error(exc, origin)) from None
     validate(recipe)
     return recipe
+
+
+def _from_dotlist(items: list[str]) -> DictConfig:
+    """Overrides as a DictConfig; a value YAML cannot read (`a={x}: y`) is one RecipeError naming the override."""
+    import yaml
+
+    for item in items:
+        try:
+            OmegaConf.from_dotlist([item])
+        except (yaml.YAMLError, OmegaConfBaseException) as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            key, _, value = item.partition("=")
+            raise RecipeError(f"Override {item!r}: the value is not valid YAML ({problem}); quote it, e.g. "
+                              f"{key}='\"{value}\"'") from None
+    return OmegaConf.from_dotlist(items)
 
 
 def _load_yaml(path: Path) -> DictConfig:

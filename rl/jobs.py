@@ -14,7 +14,7 @@ the job's metadata so `streamrl status` and `streamrl list` show it.
 ray://HEAD:10001 (Ray Client) are mapped to it with a note.
 
 Token authentication (Ray 2.60): when RAY_AUTH_MODE is unset and a token is at hand (RAY_AUTH_TOKEN,
-RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token, written by `ray start` / `ray get-auth-token --generate`), the
+RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token, written by `ray get-auth-token --generate`), the
 client is put in token mode, so Ray's SDK sends the token as an `Authorization: Bearer` header.
 """
 

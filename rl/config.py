@@ -2,7 +2,8 @@
 
 Every key is declared here with its default and a comment saying what it does; code reads typed attributes
 (`recipe.rollout.temperature`), never string keys with silent defaults. `load_recipe` rejects an unknown key
-by name, with the closest valid key and the valid keys of its section.
+by name, with the closest valid key and the valid keys of its section; a YAML syntax error with the file, line
+and column; a value of the wrong type with the key, the type it takes and the value given (one line each).
 """
 
 from __future__ import annotations

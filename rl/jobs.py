@@ -230,9 +230,9 @@ def _clock(ms: int | None) -> str:
 
 
 def logs(job_id: str, address: str, follow: bool = False) -> str:
-    text = _request(job_id, address, lambda c: c.get_job_logs(job_id))  # also: an unknown id fails here
     if not follow:
-        return text
+        return _request(job_id, address, lambda c: c.get_job_logs(job_id))
+    _request(job_id, address, lambda c: c.get_job_info(job_id))  # an unknown id fails here, as one line
     client = _client(address)
     import asyncio
 

@@ -101,6 +101,9 @@ def test_submit_status_logs_and_stop(cluster, tiny_model, tmp_path):
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     assert missing.stderr.strip() == (f"streamrl: no job 'raysubmit_no_such_job' on the Ray cluster at {cluster}; "
                                       f"`streamrl list --address {cluster}` lists its jobs")
+    for verb in (("logs",), ("logs", "--follow"), ("stop",)):
+        out = cli(*verb, "raysubmit_no_such_job", "--address", cluster)
+        assert out.returncode == 1 and out.stderr.startswith("streamrl: no job 'raysubmit_no_such_job'"), out.stderr
 
 
 def test_submit_rejects_a_bad_recipe_before_contacting_the_cluster():

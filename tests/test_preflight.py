@@ -133,3 +133,13 @@ def test_prompt_of_zero_tokens_after_templating_names_the_line(tmp_path, model_d
 def test_all_problems_are_reported_at_once(tmp_path):
     found = problems(["reward.fn=missing.py:score", "model.path=./missing_model"])
     assert len(found) == 2 and "reward.fn" in found[0] and "model.path" in found[1]
+
+
+def test_parquet_rows_are_named_1_based(tmp_path, model_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"question": ["1+1=", "", "2+2="]}), data)
+    (line,) = problems([f"data.source={data}", "data.prompt_key=question", f"model.path={model_dir}"])
+    assert f"{data}, row 2" in line and "0 tokens" in line

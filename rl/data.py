@@ -90,8 +90,8 @@ def read_located_prompts(path: str | Path, prompt_key: str = "prompt") -> list[t
     else:
         raise RecipeError(f"data.source = {str(path)!r}: use a .parquet or .jsonl file, or synthetic:NAME")
     if not located:
-        raise RecipeError(f"data.source = {str(path)!r} holds no rows (an empty file): one JSON object per line, "
-                          f"with the prompt in {prompt_key!r}")
+        shape = "one JSON object per line" if p.suffix != ".parquet" else "one row per prompt"
+        raise RecipeError(f"data.source = {str(path)!r} holds no rows: it needs {shape}, with the prompt in {prompt_key!r}")
     for where, row in located:
         if prompt_key not in row:
             raise RecipeError(f"{where}: no {prompt_key!r} field (data.prompt_key); it has: {', '.join(row) or 'nothing'}")

@@ -88,6 +88,10 @@ def _enable_token_auth() -> None:
     if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or \
             (Path.home() / ".ray" / "auth_token").exists():
         os.environ["RAY_AUTH_MODE"] = "token"
+        if "ray._raylet" in sys.modules:  # Ray read its config at import: re-read it, as Ray does when it turns token mode on
+            from ray._raylet import Config
+
+            Config.initialize("")
 
 
 def _client(address: str):

@@ -140,20 +140,20 @@ def test_a_submitted_run_directory_is_never_in_rays_working_dir_copy():
     assert jobs.cluster_run_dir(r) == "/abs/run"
 
 
-@pytest.mark.parametrize("env", [{"RAY_AUTH_TOKEN": "t0k"}, {"RAY_AUTH_TOKEN_PATH": "/some/file"}, {"HOME_TOKEN": "1"}])
-def test_a_token_at_hand_turns_token_mode_on(env, monkeypatch, tmp_path):
-    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))
-    jobs._enable_token_auth()
-    assert "RAY_AUTH_MODE" not in os.environ  # no token anywhere: Ray's default
+@pytest.mark.parametrize("env, mode", [
+    ({}, None),  # no token anywhere: Ray's default
+    ({"RAY_AUTH_TOKEN": "t0k"}, "token"),
+    ({"RAY_AUTH_TOKEN_PATH": "/some/file"}, "token"),
+    ({"HOME_TOKEN": "1"}, "token"),  # ~/.ray/auth_token
+    ({"HOME_TOKEN": "1", "RAY_AUTH_MODE": "disabled"}, "disabled"),  # the user's choice is kept
+])
+def test_a_token_at_hand_turns_token_mode_on(env, mode, tmp_path):
+    """In a process of its own: token mode, once on, stays on in Ray's config for the rest of a process."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     if env.pop("HOME_TOKEN", None):
         (tmp_path / ".ray").mkdir()
         (tmp_path / ".ray" / "auth_token").write_text("t0k")
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    jobs._enable_token_auth()
-    assert os.environ["RAY_AUTH_MODE"] == "token"
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the user's choice is kept
-    jobs._enable_token_auth()
-    assert os.environ["RAY_AUTH_MODE"] == "disabled"
+    code = "import os; from rl import jobs; jobs._enable_token_auth(); print(os.environ.get('RAY_AUTH_MODE'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**base, **env, "HOME": str(tmp_path)})
+    assert out.returncode == 0 and out.stdout.strip() == str(mode), out.stderr

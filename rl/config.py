@@ -2,7 +2,8 @@
 
 Every key is declared here with its default and a comment saying what it does; code reads typed attributes
 (`recipe.rollout.temperature`), never string keys with silent defaults. `load_recipe` rejects an unknown key
-by name, with the closest valid key and the valid keys of its section.
+by name, with the closest valid key and the valid keys of its section; a YAML syntax error with the file, line
+and column; a value of the wrong type with the key, the type it takes and the value given (one line each).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -225,6 +226,10 @@ class ResourcesConfig:
 @dataclass
 class LoggingConfig:
     run_dir: str = ""  # empty: runs/<date>-<time>-<name>
+    cluster_run_root: str = "~/streamrl-runs"  # `streamrl submit`: where a job's run directory goes on the node that
+    #                                            runs the job's driver (the head node; ~ is the home of the user Ray
+    #                                            runs as there): <this>/<date>-<time>-<name>, or <this>/<run_dir> for
+    #                                            a relative logging.run_dir; a shared file system path works too
     name: str = "run"
     progress: bool = True  # a progress bar on the console
     jsonl: bool = True  # metrics.jsonl in the run directory; the dashboard's charts read it (false leaves them empty)
@@ -327,29 +332,89 @@ def _check_keys(tree: Any, prefix: str, origin: str) -> None:
 
 def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Recipe:
     """Schema defaults <- YAML file <- `a.b=c` overrides, validated; returns a typed Recipe."""
-    layers: list[DictConfig] = []
+    layers: list[tuple[DictConfig, str]] = []
     if path is not None:
-        if not Path(path).exists():
-            raise RecipeError(f"Recipe file not found: {path}")
-        raw = OmegaConf.load(path)
+        raw = _load_yaml(Path(path))
         _check_keys(OmegaConf.to_container(raw), "", str(path))
-        layers.append(raw)
+        layers.append((raw, str(path)))
     if overrides:
         for item in overrides:
             if "=" not in item:
                 raise RecipeError(f"Override {item!r} is not of the form key=value (e.g. rollout.temperature=0.7)")
         # `key=` means the empty string (OmegaConf would read None, which a str key rejects)
-        dot = OmegaConf.from_dotlist([f"{item}''" if item.endswith("=") else item for item in overrides])
+        dot = _from_dotlist([f"{item}''" if item.endswith("=") else item for item in overrides])
         _check_keys(OmegaConf.to_container(dot), "", "command-line overrides")
-        layers.append(dot)
+        layers.append((dot, "command-line overrides"))
+    merged = OmegaConf.structured(Recipe)
+    origin = "the schema defaults"
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Recipe), *layers)
+        for layer, origin in layers:  # one layer at a time, so a type error names where its value came from
+            merged = OmegaConf.merge(merged, layer)
+        origin = "the merged recipe"
         recipe: Recipe = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or "?"
-        raise RecipeError(f"Recipe key '{key}': {exc.msg if hasattr(exc, 'msg') else exc}") from None
+        raise RecipeError(_type_error(exc, origin)) from None
     validate(recipe)
     return recipe
+
+
+def _from_dotlist(items: list[str]) -> DictConfig:
+    """Overrides as a DictConfig; a value YAML cannot read (`a={x}: y`) is one RecipeError naming the override."""
+    import yaml
+
+    for item in items:
+        try:
+            OmegaConf.from_dotlist([item])
+        except (yaml.YAMLError, OmegaConfBaseException) as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            key, _, value = item.partition("=")
+            raise RecipeError(f"Override {item!r}: the value is not valid YAML ({problem}); quote it, e.g. "
+                              f"{key}='\"{value}\"'") from None
+    return OmegaConf.from_dotlist(items)
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    """A recipe file as a DictConfig; a missing file, a YAML syntax error or a top level that is not a mapping
+    is one RecipeError naming the file (and the 1-based line and column of a syntax error)."""
+    import yaml
+
+    if not path.is_file():
+        raise RecipeError(f"Recipe file {'is a directory' if path.is_dir() else 'not found'}: {path}")
+    try:
+        raw = OmegaConf.load(path)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context = getattr(exc, "context", None)
+        raise RecipeError(f"Recipe file {path}{where}: YAML syntax error: {problem}"
+                          + (f" ({context})" if context else "")) from None
+    if not isinstance(raw, DictConfig):
+        raise RecipeError(f"Recipe file {path}: the top level must be a mapping of sections (model:, rollout:, ...); "
+                          f"got a {type(raw).__name__}")
+    return raw
+
+
+#: how a schema type annotation is said in an error message
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+               "Optional[str]": "a string (or empty)", "Optional[int]": "an integer (or empty)",
+               "list[str]": "a list of strings, e.g. [a, b]"}
+
+
+def _type_error(exc: OmegaConfBaseException, origin: str) -> str:
+    """One line for a value of the wrong type, like the unknown-key error: the key, what it takes, what it got."""
+    key = getattr(exc, "full_key", None) or "?"
+    expected = SCHEMA_KEYS.get(key)
+    if isinstance(expected, type) and dataclasses.is_dataclass(expected):
+        words = "a section (a mapping of keys)"
+    else:
+        words = _TYPE_WORDS.get(str(expected), str(expected))
+    value = getattr(exc, "value", None)
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value)
+    if key == "?" or expected is None:  # not a per-key type error: say what OmegaConf said, first line only
+        return f"Recipe (from {origin}): {str(exc).splitlines()[0]}"
+    return f"Recipe key '{key}' takes {words}; got {value!r} (from {origin})"
 
 
 def validate(recipe: Recipe) -> None:

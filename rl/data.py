@@ -68,26 +68,53 @@ def synthetic_task(cfg: DataConfig) -> SyntheticTask | None:
 
 def read_prompt_file(path: str | Path, prompt_key: str = "prompt") -> list[dict]:
     """All rows of a local .parquet or .jsonl file; the prompt column is renamed to `prompt`."""
-    import pyarrow.json as paj
-    import pyarrow.parquet as pq
+    return [row for _, row in read_located_prompts(path, prompt_key)]
 
+
+def read_located_prompts(path: str | Path, prompt_key: str = "prompt") -> list[tuple[str, dict]]:
+    """Each row of a prompt file with where it is ("FILE, line N" for JSONL, "FILE, row N" for parquet; both
+    1-based), so any error about a row can name it. Raises RecipeError naming the file and line."""
     p = Path(path).expanduser()
-    if not p.exists():
+    if not p.is_file():
         raise RecipeError(f"data.source = {str(path)!r}: file not found")
     if p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
         table = pq.read_table(p)
+        if prompt_key not in table.column_names:
+            raise RecipeError(f"data.prompt_key = {prompt_key!r} is not a column of {p}; columns: "
+                              f"{', '.join(table.column_names)}")
+        located = [(f"{p}, row {i + 1}", row) for i, row in enumerate(table.to_pylist())]
     elif p.suffix in (".jsonl", ".json"):
-        table = paj.read_json(p)
+        located = list(_read_jsonl(p))
     else:
         raise RecipeError(f"data.source = {str(path)!r}: use a .parquet or .jsonl file, or synthetic:NAME")
-    if prompt_key not in table.column_names:
-        raise RecipeError(f"data.prompt_key = {prompt_key!r} is not a column of {p}; columns: {', '.join(table.column_names)}")
-    rows = table.to_pylist()
-    for row in rows:
+    if not located:
+        shape = "one JSON object per line" if p.suffix != ".parquet" else "one row per prompt"
+        raise RecipeError(f"data.source = {str(path)!r} holds no rows: it needs {shape}, with the prompt in {prompt_key!r}")
+    for where, row in located:
+        if prompt_key not in row:
+            raise RecipeError(f"{where}: no {prompt_key!r} field (data.prompt_key); it has: {', '.join(row) or 'nothing'}")
+        if not isinstance(row[prompt_key], str):
+            raise RecipeError(f"{where}: {prompt_key!r} is {type(row[prompt_key]).__name__} {row[prompt_key]!r}, not text")
         row["prompt"] = row.pop(prompt_key)
-    if not rows:
-        raise RecipeError(f"data.source = {str(path)!r} holds no rows")
-    return rows
+    return located
+
+
+def _read_jsonl(p: Path) -> Iterator[tuple[str, dict]]:
+    """JSON Lines, one object a line (blank lines skipped); an invalid line is a RecipeError with its 1-based number."""
+    with open(p, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RecipeError(f"{p}, line {n}: not valid JSON ({exc.msg} at column {exc.pos + 1}); data.source must "
+                                  "be JSON Lines: one object per line") from None
+            if not isinstance(row, dict):
+                raise RecipeError(f"{p}, line {n}: a JSON {type(row).__name__}, not an object with a prompt field")
+            yield f"{p}, line {n}", row
 
 
 class PromptStream:

@@ -171,14 +171,38 @@ def make_tiny_model(spec: TinyModelConfig, task: SyntheticTask, cache_dir: str |
     return target
 
 
+def looks_like_path(value: str) -> bool:
+    """Whether `model.path` names a local directory rather than a hub id: it starts with /, . or ~, has an OS
+    separator other than '/', more than one '/', or exists here. A hub id is 'name' or 'org/name', so a
+    path-looking value is never sent to the hub (a typo there fails late, with a hub error)."""
+    seps = {os.sep, os.altsep} - {None, "/"}
+    return (value.startswith(("/", ".", "~")) or any(s in value for s in seps) or value.count("/") > 1
+            or Path(os.path.expanduser(value)).exists())
+
+
+def check_model_path(path: str) -> str | None:
+    """The problem with a local `model.path`, one line naming it and the fix; None when it is fine or a hub id."""
+    if not looks_like_path(path):
+        return None
+    local = Path(os.path.expanduser(path))
+    if not local.exists():
+        return (f"Recipe key 'model.path' = {path!r}: no such directory ({local.resolve()}); give a local Hugging "
+                "Face model directory, a hub id (org/name), or leave it empty for the tiny model")
+    if not local.is_dir():
+        return f"Recipe key 'model.path' = {path!r} is a file; give the model's directory (the one with config.json)"
+    if not (local / "config.json").exists():
+        return f"Recipe key 'model.path' = {path!r} is a directory without config.json: not a Hugging Face model"
+    return None
+
+
 def resolve_model_path(cfg: ModelConfig, task: SyntheticTask | None) -> str:
     """The HF directory (or hub id) the run uses: `cfg.path` if given, else the cached tiny model."""
     if cfg.path:
-        local = Path(os.path.expanduser(cfg.path))
-        if local.exists():
-            if not (local / "config.json").exists():
-                raise FileNotFoundError(f"model.path={cfg.path!r} is a directory without config.json")
-            return str(local.resolve())
+        problem = check_model_path(cfg.path)
+        if problem:
+            raise FileNotFoundError(problem)
+        if looks_like_path(cfg.path):
+            return str(Path(os.path.expanduser(cfg.path)).resolve())
         return cfg.path  # a hub id: transformers and vLLM fetch it when the machine has network
     if task is None:
         raise ValueError("model.path is empty and the data source is not synthetic: set model.path")

@@ -130,3 +130,37 @@ def test_max_response_tokens_is_the_horizon_of_the_norm_aggregation():
     agent = ["rollout.max_tokens=32", "rollout.agent.fn=tests/toy_tool.py:calculator", "rollout.agent.max_turns=3"]
     assert max_response_tokens(load_recipe(None, agent)) == 96
     assert max_response_tokens(load_recipe(None, agent + ["rollout.agent.max_total_tokens=50"])) == 50
+
+
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, "rollout:\n  temperature: 0.7\n group_size: [1\n"))
+    msg = str(e.value)
+    assert "r.yaml, line 3, column 2: YAML syntax error" in msg and "\n" not in msg
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    with pytest.raises(RecipeError, match="top level must be a mapping"):
+        load_recipe(write(tmp_path, "- a\n- b\n"))
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("trainer.world_size=two", "Recipe key 'trainer.world_size' takes an integer; got 'two' (from command-line overrides)"),
+    ("rollout.temperature=hot", "Recipe key 'rollout.temperature' takes a number; got 'hot'"),
+    ("logging.tensorboard=maybe", "Recipe key 'logging.tensorboard' takes true or false; got 'maybe'"),
+    ("rollout.stop=x", "Recipe key 'rollout.stop' takes a list of strings"),
+])
+def test_wrong_type_is_one_line_like_the_unknown_key_error(override, expected):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(None, [override])
+    assert expected in str(e.value) and "\n" not in str(e.value) and "full_key" not in str(e.value)
+
+
+def test_wrong_type_in_a_file_names_the_file(tmp_path):
+    with pytest.raises(RecipeError, match=r"'rollout.temperature' takes a number; got 'hot' \(from .*r.yaml\)"):
+        load_recipe(write(tmp_path, "rollout:\n  temperature: hot\n"))
+
+
+def test_override_value_that_is_not_yaml_says_to_quote_it():
+    with pytest.raises(RecipeError, match="quote it"):
+        load_recipe(None, ["data.template={topic}: {prompt}"])

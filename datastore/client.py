@@ -33,10 +33,10 @@ from datastore.errors import RECOVERY_HINT, StoreFull, translated
 from datastore.ledger import Take, check_where
 from datastore.stats import merge
 from datastore.storage import INDEX, StorageUnit
-from rl.waits import WaitTimeout, await_, wait
+from rl.core.waits import WaitTimeout, await_, wait
 
 if TYPE_CHECKING:
-    from rl.config import DataStoreConfig
+    from rl.core.config import DataStoreConfig
 
 Where = Mapping[str, tuple[str, Any]]
 Columns = Mapping[str, Sequence[Any]] | pa.Table

@@ -20,7 +20,7 @@ import ray
 from datastore.ledger import OPS, Evicted, IndexSet, Ledger, Take  # noqa: F401  (Take, OPS: public names)
 from datastore.log import ConsumptionLog
 from datastore.stats import RateMeter
-from rl.waits import await_
+from rl.core.waits import await_
 
 
 @ray.remote(num_cpus=0, max_concurrency=1000)

@@ -11,7 +11,7 @@ from typing import Iterator
 
 from ray.exceptions import RayActorError, RayTaskError
 
-from rl.waits import PeerDied, WaitTimeout
+from rl.core.waits import PeerDied, WaitTimeout
 
 RECOVERY_HINT = ("its rows are lost from memory; finished rows are in the log when the store has a log_dir: "
                  "shut the store down and DataStore.create(..., log_dir=<the same dir>) recovers them")

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from datastore import log as dlog
 from datastore.ledger import IndexSet
-from rl.waits import wait
+from rl.core.waits import wait
 
 if TYPE_CHECKING:
     from datastore.client import DataStore

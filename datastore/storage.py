@@ -24,7 +24,7 @@ from datastore.errors import StoreFull, plain
 from datastore.ledger import IndexSet
 from datastore.log import RowLog
 from datastore.stats import RateMeter
-from rl.waits import await_
+from rl.core.waits import await_
 
 INDEX = "index"
 COMPACT_MIN_BYTES = 64 * 1024  # smaller batches are not worth copying when partly evicted

@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from rl.config import RecipeError, load_recipe, resolve_run_dir, to_yaml
+from rl.core.config import RecipeError, load_recipe, resolve_run_dir, to_yaml
 
 log = logging.getLogger("streamrl")
 
@@ -83,7 +83,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_make_model(args: argparse.Namespace) -> int:
-    from rl.config import DataConfig
+    from rl.core.config import DataConfig
     from rl.data import synthetic_task
     from rl.models import make_tiny_model
 
@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="streamrl", description="Asynchronous RL post-training for LLMs.", **fmt)
     p.add_argument("--version", action="version", version=f"streamrl {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    recipe_help = "recipe YAML file (recipes/*.yaml; every key is in rl/config.py)"
+    recipe_help = "recipe YAML file (recipes/*.yaml; every key is in rl/core/config.py)"
     overrides_help = "key=value overrides, e.g. trainer.world_size=2 algorithm.eta=0"
 
     run = sub.add_parser("run", help="run a recipe on this machine (or the Ray cluster in resources.ray_address)", **fmt)

@@ -6,7 +6,7 @@
     loop: train a step on B ready groups -> push the new weights to every engine -> log
 
 Rollout never waits for training and training never waits for the slowest rollout; only the staleness
-budget (rl.staleness) holds the feeder back. Every sample carries the policy version that made it.
+budget (rl.core.staleness) holds the feeder back. Every sample carries the policy version that made it.
 """
 
 from __future__ import annotations
@@ -22,18 +22,19 @@ from typing import Any
 import ray
 
 from datastore.client import DataStore
-from rl.config import Recipe, RecipeError, load_recipe, resolve_run_dir, to_yaml
+from rl.core.config import Recipe, RecipeError, load_recipe, resolve_run_dir, to_yaml
 from rl.data import PromptFormatter, PromptStream, synthetic_task
-from rl.heap import settle
+from rl.core.heap import settle
 from rl.schedule import Colocation, Feeder, GroupFilter
 from rl.stages import Stages
 from rl.metrics import MetricsLogger, learning_summary, read_metrics
 from rl.models import load_tokenizer, resolve_model_path
-from rl.placement import Placement, describe, plan
+from rl.core.placement import Placement, describe, plan
 from rl.resume import TRAINED, Resume, refuse_existing_run, require_checkpoint
-from rl.reward_worker import WRITE_FIELDS, RewardActor
-from rl.staleness import StalenessBudget
-from rl.waits import wait
+from rl.core.scoring import WRITE_FIELDS
+from rl.reward_worker import RewardActor
+from rl.core.staleness import StalenessBudget
+from rl.core.waits import wait
 from rl.weight_sync import WeightSync
 from rollout.router import RolloutRouter
 from rollout.worker import SAMPLE_FIELDS, RolloutActor

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
 
-from rl.config import ArithmeticConfig, DataConfig, RecipeError
+from rl.core.config import ArithmeticConfig, DataConfig, RecipeError
 
 
 class SyntheticTask(Protocol):

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 from urllib.parse import urlsplit
 
-from rl.config import Recipe, load_recipe, to_yaml
+from rl.core.config import Recipe, load_recipe, to_yaml
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 AGENT_WAIT_S = 120.0

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from rl.config import LoggingConfig
+from rl.core.config import LoggingConfig
 from rl.sinks import ConsoleSink, Sink, make_sinks
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from rl.config import ModelConfig, TinyModelConfig
+    from rl.core.config import ModelConfig, TinyModelConfig
     from rl.data import SyntheticTask
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import importlib.util
 from pathlib import Path
 from typing import Callable
 
-from rl.config import Recipe, RecipeError
+from rl.core.config import Recipe, RecipeError
 
 #: recipe keys holding a user function as `module:function` or `path/to/file.py:function`
 PLUGIN_KEYS = ("reward.fn", "rollout.agent.fn")
@@ -63,7 +63,7 @@ def _checks(on_cluster: bool) -> list[Callable[[Recipe], tuple[list[str], str]]]
 def check_plugins(recipe: Recipe, run_imports: bool = True) -> tuple[list[str], str]:
     """Each plugin key's module or file exists and has the function. `run_imports` imports it as the workers
     will (its own imports are checked too); otherwise the source is read, not run."""
-    from rl.plugins import PluginLoadError, load_function
+    from rl.core.plugins import PluginLoadError, load_function
 
     problems, names = [], []
     for key in PLUGIN_KEYS:

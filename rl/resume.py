@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from datastore import log as dlog
-from rl.staleness import newest_trainable
+from rl.core.staleness import newest_trainable
 from rl.metrics import read_metrics
 from trainer.checkpoint import CHECKPOINTS, latest_checkpoint
 

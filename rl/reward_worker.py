@@ -8,7 +8,6 @@ Several workers share the consumer name "reward", so each sample is scored once.
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 import logging
 import time
 from typing import Any
@@ -16,45 +15,13 @@ from typing import Any
 import ray
 
 from datastore.client import DataStore
-from rl.config import RewardConfig
-from rl.rewards import Sample, Scored, make_reward_caller
+from rl.core.config import RewardConfig
+from rl.core.scoring import RewardTally, Sample, make_reward_caller
 
 log = logging.getLogger(__name__)
 
 READ_FIELDS = ["prompt", "response", "prompt_ids", "response_ids", "row", "finish_reason"]
-WRITE_FIELDS = ["reward", "reward_info"]
 CONSUMER = "reward"
-
-
-class RewardTally:
-    """What the scored samples add up to (the `reward/*` metrics): kept by a reward worker, or by a rollout
-    worker that scores inline (`reward.inline`)."""
-
-    def __init__(self) -> None:
-        self.scored = 0
-        self.errors = 0
-        self.score_sum = 0.0
-        self.extras: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # name -> [sum, count]
-        self.recent_errors: list[dict[str, Any]] = []
-
-    def add(self, samples: list[Sample], results: list[Scored]) -> dict[str, list[Any]]:
-        """Count the results; returns the columns to store (`WRITE_FIELDS`)."""
-        self.scored += len(results)
-        self.errors += sum(1 for s in results if s.error)
-        self.score_sum += sum(float(s.score) for s in results)
-        for sample, s in zip(samples, results):
-            for k, v in s.extras.items():
-                self.extras[k][0] += v
-                self.extras[k][1] += 1
-            if s.error:
-                self.recent_errors = (self.recent_errors + [{"index": sample.index, "prompt": sample.prompt[:200],
-                                                             "response": sample.response[:200], "error": s.error}])[-20:]
-        return {"reward": [float(s.score) for s in results],
-                "reward_info": [json.dumps({"error": s.error, **s.extras}) if (s.error or s.extras) else "" for s in results]}
-
-    def stats(self) -> dict[str, Any]:
-        return {"scored": self.scored, "errors": self.errors, "score_sum": self.score_sum,
-                "extras": {k: list(v) for k, v in self.extras.items()}, "recent_errors": list(self.recent_errors)}
 
 
 class RewardWorker:

@@ -1,149 +1,22 @@
-"""Reward functions: the user's plug-in point, how it is loaded, and how a call is made safe.
+"""Built-in reward functions, named in a recipe as `rl.rewards:NAME` (`reward.fn`).
 
-A reward function takes one `Sample` and returns a float, or a dict with a float `score` and any other
-named numbers (they become metrics). It may be `async def`. With `reward.batched` it takes a list of
-samples and returns a list. It is named in the recipe as `module:function` or
-`path/to/file.py:function`; a class there is constructed once with the reward config (see RewardModel).
-
-Built-ins: `arithmetic_exact` (the synthetic task), `MathAnswer` / `math_answer` (GSM8K '####' and
-\\boxed{} answers, MATH-normalised, numbers compared exactly; strict or flexible about what counts as the
-answer, `reward.answer_mode`), `RewardModel` (a sequence-classification model's score).
-
-A call that raises, hangs past its timeout, or returns something that is not a finite score is reported
-with the sample and scored `error_score`; the run goes on.
+`arithmetic_exact` (the synthetic task), `MathAnswer` / `math_answer` (GSM8K '####' and \\boxed{} answers,
+MATH-normalised, numbers compared exactly; strict or flexible about what counts as the answer,
+`reward.answer_mode`), `RewardModel` (a sequence-classification model's score). A reward function of your
+own takes a `Sample` (importable from here) and returns a float or a dict with `score`; how it is loaded and
+called safely is `rl.core.scoring`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import inspect
 import logging
-import math
 import re
-from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Awaitable, Callable, Union
+from typing import Any
 
-from rl.plugins import PluginLoadError, load_function
+from rl.core.scoring import Sample  # what a reward function receives; users import it from here
 
 log = logging.getLogger(__name__)
-
-RewardFn = Callable[["Sample"], Union[float, dict, Awaitable[Union[float, dict]]]]
-
-
-@dataclass
-class Sample:
-    """What a reward function sees of one generated sample."""
-
-    prompt: str
-    response: str
-    prompt_ids: list[int] = field(default_factory=list)
-    response_ids: list[int] = field(default_factory=list)
-    row: dict[str, Any] = field(default_factory=dict)  # the dataset row's other fields (e.g. ground truth)
-    index: int = -1
-    finish_reason: str = ""
-
-
-@dataclass
-class Scored:
-    score: float
-    extras: dict[str, float] = field(default_factory=dict)
-    error: str = ""
-
-
-RewardLoadError = PluginLoadError
-
-
-def load_reward_fn(spec: str) -> RewardFn:
-    """Import `module:function` or `path/to/file.py:function`; errors say which part failed."""
-    return load_function(spec, "reward.fn")
-
-
-def _coerce(value: Any) -> Scored:
-    """A float, int, bool or {'score': float, ...} becomes Scored; anything else is an error."""
-    extras: dict[str, float] = {}
-    if isinstance(value, dict):
-        if "score" not in value:
-            return Scored(math.nan, error=f"returned a dict without 'score' (keys: {sorted(value)})")
-        extras = {k: float(v) for k, v in value.items() if k != "score" and isinstance(v, (int, float))}
-        value = value["score"]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
-            value = value.item()
-        else:
-            return Scored(math.nan, error=f"returned {type(value).__name__} {value!r:.80}; expected a float or a dict with 'score'")
-    value = float(value)
-    if not math.isfinite(value):
-        return Scored(math.nan, error=f"returned a non-finite score {value}")
-    return Scored(value, extras)
-
-
-class RewardCaller:
-    """Calls the user's function safely: sync functions in a thread pool, async ones on the loop; with
-    `batched`, the function takes a list of samples and returns a list of scores."""
-
-    def __init__(self, fn: Any, timeout_s: float, error_score: float, batched: bool = False,
-                 max_threads: int = 8) -> None:
-        self.fn, self.timeout_s, self.error_score, self.batched = fn, timeout_s, error_score, batched
-        target = fn if inspect.isfunction(fn) or inspect.ismethod(fn) else getattr(fn, "__call__", fn)
-        self.is_async = inspect.iscoroutinefunction(target)
-        self.name = getattr(fn, "__qualname__", type(fn).__name__)
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_threads, thread_name_prefix="reward")
-
-    async def _call(self, arg: Any) -> Any:
-        if self.is_async:
-            return await asyncio.wait_for(self.fn(arg), self.timeout_s)
-        loop = asyncio.get_running_loop()
-        return await asyncio.wait_for(loop.run_in_executor(self.pool, self.fn, arg), self.timeout_s)
-
-    async def score(self, sample: Sample) -> Scored:
-        return (await self.score_many([sample]))[0]
-
-    async def score_many(self, samples: list[Sample]) -> list[Scored]:
-        """Scores for `samples`: one call per sample, or one call for all when batched."""
-        if not self.batched:
-            return list(await asyncio.gather(*[self._one(s) for s in samples]))
-        try:
-            raw = await self._call(samples)
-            if not isinstance(raw, (list, tuple)) or len(raw) != len(samples):
-                got = f"{type(raw).__name__} of length {len(raw)}" if isinstance(raw, (list, tuple)) else type(raw).__name__
-                results = [Scored(math.nan, error=f"batched call returned {got}; expected a list of {len(samples)}")] * len(samples)
-            else:
-                results = [_coerce(r) for r in raw]
-        except asyncio.TimeoutError:
-            results = [Scored(math.nan, error=f"batched call timed out after {self.timeout_s} s")] * len(samples)
-        except Exception as exc:  # the user's code: any exception is reported, never fatal
-            results = [Scored(math.nan, error=f"batched call raised {type(exc).__name__}: {exc}")] * len(samples)
-        return [self._report(s, Scored(r.score, dict(r.extras), r.error)) for s, r in zip(samples, results)]
-
-    async def _one(self, sample: Sample) -> Scored:
-        try:
-            result = _coerce(await self._call(sample))
-        except asyncio.TimeoutError:
-            result = Scored(math.nan, error=f"timed out after {self.timeout_s} s")
-        except Exception as exc:  # the user's code: any exception is reported, never fatal
-            result = Scored(math.nan, error=f"raised {type(exc).__name__}: {exc}")
-        return self._report(sample, result)
-
-    def _report(self, sample: Sample, result: Scored) -> Scored:
-        if result.error:
-            log.warning("reward function %s %s on sample %d (prompt=%r, response=%r); scored %s", self.name,
-                        result.error, sample.index, sample.prompt[:200], sample.response[:200], self.error_score)
-            result.score = self.error_score
-        return result
-
-
-def make_reward_caller(cfg: Any) -> RewardCaller:
-    """The caller for `reward.fn`: a function, or a class instantiated once with the RewardConfig (for
-    scorers that load something, like a reward model)."""
-    obj = load_reward_fn(cfg.fn)
-    if inspect.isclass(obj):
-        try:
-            obj = obj(cfg)
-        except Exception as exc:
-            raise PluginLoadError(f"reward.fn = {cfg.fn!r}: constructing {obj.__name__}(reward config) failed: {exc!r}") from exc
-    return RewardCaller(obj, cfg.timeout_s, cfg.error_score, batched=cfg.batched)
 
 
 # ------------------------------------------------------------------------ built-in reward functions

@@ -18,10 +18,10 @@ from typing import Any, Callable
 import ray
 
 from datastore.client import DataStore
-from rl.config import Recipe
+from rl.core.config import Recipe
 from rl.data import PromptFormatter, PromptStream, row_to_json
-from rl.staleness import StalenessBudget
-from rl.waits import await_
+from rl.core.staleness import StalenessBudget
+from rl.core.waits import await_
 from rollout.router import RolloutRouter
 from rollout.records import GroupRequest
 

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
-from rl.config import LoggingConfig
+from rl.core.config import LoggingConfig
 
 log = logging.getLogger(__name__)
 

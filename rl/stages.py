@@ -17,8 +17,8 @@ import ray
 from datastore.client import DataStore
 from rl.metrics import MetricsLogger
 from rl.schedule import Feeder, GroupFilter, SpanCollector
-from rl.staleness import StalenessBudget
-from rl.waits import await_
+from rl.core.staleness import StalenessBudget
+from rl.core.waits import await_
 from rollout.records import RolloutStats
 from rollout.router import RolloutRouter
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import ray
 
-from rl.transport import ChannelSpec, WeightHandle, pick_transport
-from rl.waits import WaitTimeout, await_, wait
+from rl.core.transport import ChannelSpec, WeightHandle, pick_transport
+from rl.core.waits import WaitTimeout, await_, wait
 from rollout.records import UpdateReport
 
 log = logging.getLogger(__name__)

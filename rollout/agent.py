@@ -18,7 +18,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from rl.config import AgentConfig
+from rl.core.config import AgentConfig
 
 log = logging.getLogger(__name__)
 

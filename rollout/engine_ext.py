@@ -2,7 +2,7 @@
 
 They run inside the engine's worker, between engine steps, so a weight load never races a forward pass.
 Tensors do not travel as RPC arguments (vLLM's RPC serialisation drops them): the arguments are small
-dicts (a `ChannelSpec`, a `WeightHandle`) and the bytes come through the weight channel (`rl.transport`).
+dicts (a `ChannelSpec`, a `WeightHandle`) and the bytes come through the weight channel (`rl.core.transport`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ class StreamRLWorkerExtension:
     def streamrl_join_weight_channel(self, spec: dict[str, Any], first_rank: int) -> dict[str, Any]:
         """Join the trainer's weight channel as group rank `first_rank` + this worker's tensor-parallel rank
         (blocks until every member has joined; replaces a channel joined before)."""
-        from rl.transport import ChannelSpec, gpu_uuid, make_receiver
+        from rl.core.transport import ChannelSpec, gpu_uuid, make_receiver
 
         old = getattr(self, "_streamrl_receiver", None)
         if old is not None:
@@ -36,7 +36,7 @@ class StreamRLWorkerExtension:
     def streamrl_load_weights(self, handle: dict[str, Any]) -> dict[str, Any]:
         """Receive one sync and load it (a probe is received and dropped). Returns the version loaded and
         where the time went: recv_s waiting for bytes, the rest in vLLM's loader."""
-        from rl.transport import ChannelSpec, WeightHandle, make_receiver
+        from rl.core.transport import ChannelSpec, WeightHandle, make_receiver
 
         h = WeightHandle(**handle)
         recv = getattr(self, "_streamrl_receiver", None)

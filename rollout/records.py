@@ -52,7 +52,7 @@ class RolloutStats:
     samples_out: int
     cached_tokens: int
     resubmitted: int
-    gc_seconds: float  # in Python's collector (rl/heap.py)
+    gc_seconds: float  # in Python's collector (rl/core/heap.py)
     gc_full: int
     loop_lag_max_s: float  # the longest the actor's event loop was held since the last stats call
     loop_stalls: list[dict[str, Any]] = field(default_factory=list)  # {"lag_s", "at", "stack"} of those holds

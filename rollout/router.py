@@ -16,7 +16,7 @@ from typing import Any
 
 import ray
 
-from rl.waits import await_
+from rl.core.waits import await_
 from rollout.records import GroupRequest
 
 log = logging.getLogger(__name__)

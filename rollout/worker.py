@@ -28,15 +28,14 @@ from typing import Any
 import ray
 
 from datastore.client import DataStore
-from rl.config import RewardConfig, RolloutConfig
-from rl.heap import GcClock, LoopWatch, settle
-from rl.plugins import load_function
-from rl.reward_worker import WRITE_FIELDS, RewardTally
-from rl.rewards import Sample, make_reward_caller
+from rl.core.config import RewardConfig, RolloutConfig
+from rl.core.heap import GcClock, LoopWatch, settle
+from rl.core.plugins import load_function
+from rl.core.scoring import WRITE_FIELDS, RewardTally, Sample, make_reward_caller
 from rollout.agent import TurnOutput, run_episode
 from rollout.records import GroupRequest, RolloutStats, UpdateReport
-from rl.transport import ChannelSpec, WeightHandle
-from rl.waits import await_
+from rl.core.transport import ChannelSpec, WeightHandle
+from rl.core.waits import await_
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +132,7 @@ class RolloutWorker:
 
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         await self._turn([self.tokenizer.bos_token_id or 0], 1, 0, "warmup")  # first request pays one-off costs
-        settle()  # full collections while generating stop this actor's loop for far less (rl/heap.py)
+        settle()  # full collections while generating stop this actor's loop for far less (rl/core/heap.py)
         if self.loop_watch._task is None:
             self.loop_watch.start()
         return {"rank": self.rank, "start_seconds": time.perf_counter() - t0, "pid": os.getpid()}

@@ -45,7 +45,7 @@ def model_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(model_cache) -> str:
     """A small warm-started model (few supervised steps: enough to load and generate, built in seconds)."""
-    from rl.config import load_recipe
+    from rl.core.config import load_recipe
     from rl.data import synthetic_task
     from rl.models import make_tiny_model
 

@@ -5,7 +5,7 @@ import asyncio
 import os
 import sys
 
-from rl.config import AgentConfig
+from rl.core.config import AgentConfig
 from rl.rewards import Sample
 from rollout.agent import Conversation, TurnOutput, run_episode
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from rl.algorithms import (ADVANTAGES, LOSS_AGGREGATIONS, POLICY_LOSSES, AdvantageConfig, AdvantageInputs,
+from rl.core.algorithms import (ADVANTAGES, LOSS_AGGREGATIONS, POLICY_LOSSES, AdvantageConfig, AdvantageInputs,
                            LossConfig, LossInputs, aggregate, aggregate_denominator, decoupled_ppo_loss,
                            discounted_returns, gae, grpo_advantages, gspo_loss, kl_estimate, kl_token_rewards,
                            masked_whiten, needs_values, outcome_token_rewards, ppo_clip_loss, rloo_advantages,

@@ -1,6 +1,6 @@
 import pytest
 
-from rl.config import RecipeError, load_recipe
+from rl.core.config import RecipeError, load_recipe
 
 
 def write(tmp_path, text):
@@ -97,8 +97,8 @@ def test_loss_keys_are_validated(override, named):
 
 
 def test_loss_key_defaults_and_choices_match_the_algorithms():
-    from rl.algorithms import BEHAVIOUR_CAP_MODES, LOSS_AGGREGATIONS, LossConfig
-    from rl.config import CHOICES
+    from rl.core.algorithms import BEHAVIOUR_CAP_MODES, LOSS_AGGREGATIONS, LossConfig
+    from rl.core.config import CHOICES
 
     a = load_recipe(None).algorithm
     assert (a.clip_ratio_c, a.behaviour_cap_mode, a.loss_agg) == (3.0, "clamp", "token-mean")
@@ -124,7 +124,7 @@ def test_group_of_one():
 
 
 def test_max_response_tokens_is_the_horizon_of_the_norm_aggregation():
-    from rl.config import max_response_tokens
+    from rl.core.config import max_response_tokens
 
     assert max_response_tokens(load_recipe(None, ["rollout.max_tokens=32"])) == 32
     agent = ["rollout.max_tokens=32", "rollout.agent.fn=tests/toy_tool.py:calculator", "rollout.agent.max_turns=3"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from datastore.log import read_rows
-from rl.config import load_recipe
+from rl.core.config import load_recipe
 from rl.controller import Controller
 from rl.resume import TRAINED
 from rl.metrics import read_metrics

@@ -25,7 +25,7 @@ import pytest
 
 from datastore.log import RowLog, segments
 from rl.cli import main as cli_main
-from rl.config import load_recipe
+from rl.core.config import load_recipe
 from rl.dashboard import DashboardServer
 from rl.dashboard.export import export_data
 from rl.dashboard.labels import metric_label

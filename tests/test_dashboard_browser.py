@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from rl.config import load_recipe
+from rl.core.config import load_recipe
 from rl.controller import Controller
 from rl.dashboard.labels import metric_label
 from rl.metrics import read_metrics, read_status

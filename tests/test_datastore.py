@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from datastore.client import DataStore
-from rl.waits import WaitTimeout
+from rl.core.waits import WaitTimeout
 
 FIELDS = ["x", "y", "version"]
 

@@ -8,7 +8,7 @@ import pytest
 
 from datastore.client import DataStore
 from datastore.errors import StoreFull
-from rl.waits import WaitTimeout
+from rl.core.waits import WaitTimeout
 
 
 @pytest.fixture(scope="module")

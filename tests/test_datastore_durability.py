@@ -12,7 +12,7 @@ import ray
 from datastore import log as dlog
 from datastore.client import DataStore
 from datastore.errors import StoreActorDied
-from rl.waits import PeerDied
+from rl.core.waits import PeerDied
 
 FIELDS = ["x", "version", "r"]
 KW = dict(tag_fields=["version"], declared_fields=FIELDS, required_consumers=["reward", "trainer"], timeout_s=30)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from rl.config import load_recipe
+from rl.core.config import load_recipe
 from rl.controller import Controller
 from rl.metrics import read_metrics
 

@@ -1,4 +1,4 @@
-"""rl/heap.py (the collector's clock, the frozen start-up heap) and rollout/vllm_plugin.py (vLLM's message
+"""rl/core/heap.py (the collector's clock, the frozen start-up heap) and rollout/vllm_plugin.py (vLLM's message
 queue readers nap instead of spinning), on the real gc module and the real vLLM package."""
 
 import gc
@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from rl.heap import GcClock, settle
+from rl.core.heap import GcClock, settle
 
 PLUGIN_CHECK = """
 import time
@@ -58,7 +58,7 @@ def test_loop_watch_names_the_code_that_held_the_loop() -> None:
     """A coroutine that blocks the loop for 0.6 s shows as a lag of about that much, with its stack."""
     import asyncio
 
-    from rl.heap import LoopWatch
+    from rl.core.heap import LoopWatch
 
     def hold_the_loop() -> None:
         time.sleep(0.6)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from rl import jobs
-from rl.config import load_recipe
+from rl.core.config import load_recipe
 
 
 def free_port():

@@ -25,7 +25,7 @@ def test_built_model_is_a_normal_hf_directory(tiny_model):
 
 
 def test_cache_reuses_the_built_model(tiny_model, model_cache):
-    from rl.config import load_recipe
+    from rl.core.config import load_recipe
     from rl.data import synthetic_task
     from rl.models import make_tiny_model
 

@@ -8,8 +8,8 @@ import json
 import pytest
 import ray
 
-from rl.config import RecipeError, load_recipe, trainer_memory_fraction
-from rl.placement import GIB, ModelShape, check_fit, engine_devices, memory_needs, reserve_placement
+from rl.core.config import RecipeError, load_recipe, trainer_memory_fraction
+from rl.core.placement import GIB, ModelShape, check_fit, engine_devices, memory_needs, reserve_placement
 
 QWEN05 = dict(arch="llama", hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864,
               vocab_size=151936)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from rl import preflight as pf
-from rl.config import load_recipe
+from rl.core.config import load_recipe
 from rl.preflight import PreflightError, preflight
 
 

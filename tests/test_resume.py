@@ -8,10 +8,10 @@ import pytest
 
 from datastore import log as dlog
 from rl import cli
-from rl.config import load_recipe, to_yaml
+from rl.core.config import load_recipe, to_yaml
 from rl.controller import PARTITION
 from rl.resume import TRAINED, Resume, lost_lineage, refuse_existing_run, require_checkpoint
-from rl.staleness import StalenessBudget
+from rl.core.staleness import StalenessBudget
 
 N = 2  # group size
 

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from rl.rewards import RewardCaller, RewardLoadError, Sample, arithmetic_exact, load_reward_fn
+from rl.core.scoring import RewardCaller, RewardLoadError, Sample, load_reward_fn
+from rl.rewards import arithmetic_exact
 
 S = Sample(prompt="2+3=", response="5", row={"answer": "5"}, index=7)
 
@@ -107,8 +108,9 @@ def test_numpy_scalar_accepted():
 
 
 # ---------------------------------------------------------------- built-ins, batched, class plugins
-from rl.config import RewardConfig
-from rl.rewards import MathAnswer, answers_match, extract_answer, make_reward_caller, math_answer
+from rl.core.config import RewardConfig
+from rl.core.scoring import make_reward_caller
+from rl.rewards import MathAnswer, answers_match, extract_answer, math_answer
 
 
 def score(response, truth, mode="strict"):
@@ -209,7 +211,7 @@ def test_math_answer_class_reads_the_recipe_mode():
 
 
 def test_answer_mode_is_validated():
-    from rl.config import RecipeError, load_recipe
+    from rl.core.config import RecipeError, load_recipe
 
     with pytest.raises(RecipeError, match="reward.answer_mode.*strict, flexible"):
         load_recipe(None, ["reward.answer_mode=loose"])

@@ -10,7 +10,7 @@ import ray
 import torch
 
 from datastore.client import DataStore
-from rl.config import AgentConfig, RolloutConfig
+from rl.core.config import AgentConfig, RolloutConfig
 from rl.models import load_causal_lm, load_tokenizer
 
 from rollout.router import RolloutRouter
@@ -55,7 +55,7 @@ def fields(store, n_rows, consumer):
 
 
 def test_interrupted_update_keeps_tokens_and_records_versions(engines):
-    from rl.transport import ShmFileSender
+    from rl.core.transport import ShmFileSender
 
     store, ws, path = engines
     tok = load_tokenizer(path)
@@ -126,7 +126,7 @@ def test_multi_turn_tool_tokens_are_masked(engines):
 def test_drain_update_lets_in_flight_requests_finish_on_the_old_weights(engines):
     """update_mode drain: requests in the engine when the update comes finish wholly on version 0 (none
     switches weights mid-way, as in interrupt mode); requests after it run on version 1."""
-    from rl.transport import ShmFileSender
+    from rl.core.transport import ShmFileSender
 
     store, ws, path = engines
     tok = load_tokenizer(path)
@@ -159,7 +159,7 @@ def check_update_modes(store, w, path: str, consumer: str, settle_s: float = 0.1
     (a repeated prompt still hits); recompute and drain drop it, so the first request after the update
     prefills on the new weights; in recompute mode requests in flight at the update are re-prefilled and
     still finish whole."""
-    from rl.transport import ShmFileSender
+    from rl.core.transport import ShmFileSender
 
     tok = load_tokenizer(path)
     prompt = "abc " * 33  # ~133 tokens: a full KV block (128 on CPU, 16 on GPU), room for new tokens in 160

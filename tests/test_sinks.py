@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rl.config import load_recipe, to_yaml
+from rl.core.config import load_recipe, to_yaml
 from rl.metrics import MetricsLogger
 from rl.sinks import scalars
 

@@ -1,4 +1,4 @@
-from rl.staleness import StalenessBudget, last_trainable_step, newest_trainable, oldest_trainable, trainable
+from rl.core.staleness import StalenessBudget, last_trainable_step, newest_trainable, oldest_trainable, trainable
 
 
 def test_sync_eta0_allows_one_batch_per_version():

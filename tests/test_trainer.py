@@ -12,8 +12,8 @@ import pytest
 import ray
 
 from datastore.client import DataStore
-from rl.config import load_recipe
-from rl.waits import PeerDied
+from rl.core.config import load_recipe
+from rl.core.waits import PeerDied
 from trainer.group import TrainerGroup
 from trainer.worker import TRAIN_FIELDS
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rl.config import TrainerConfig
+from rl.core.config import TrainerConfig
 from trainer.batching import (Sample, collate, pad_stack, padded_tokens, plan_micro_batches, samples_from_columns,
                               split_mini_batches)
 from trainer.engine import lr_lambda

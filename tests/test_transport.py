@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from rl.transport import (ALIGN, ChannelError, ChannelSpec, WeightHandle, make_receiver, make_sender, pick_transport,
+from rl.core.transport import (ALIGN, ChannelError, ChannelSpec, WeightHandle, make_receiver, make_sender, pick_transport,
                           plan_buckets, tensor_view)
 from trainer.weights import WeightSender
 

@@ -1,9 +1,9 @@
-"""rl.waits on a real local Ray: a placement group that cannot be placed times out with the cluster's
+"""rl.core.waits on a real local Ray: a placement group that cannot be placed times out with the cluster's
 free resources in the message, and is removed rather than left pending."""
 
 import pytest
 
-from rl.waits import WaitTimeout, reserve
+from rl.core.waits import WaitTimeout, reserve
 
 
 def test_reserve_that_cannot_fit_names_what_is_free_and_gives_the_group_back(ray_session):

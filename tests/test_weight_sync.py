@@ -16,7 +16,7 @@ import ray
 import torch
 
 from datastore.client import DataStore
-from rl.config import load_recipe
+from rl.core.config import load_recipe
 from rl.weight_sync import WeightSync
 from rl.models import load_tokenizer
 from rollout.worker import SAMPLE_FIELDS, RolloutActor, stop_workers

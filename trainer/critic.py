@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from rl.config import TrainerConfig
+from rl.core.config import TrainerConfig
 from trainer.batching import MicroBatch
 from trainer.model import ModelSource, decoder_layers, load_causal_lm, model_inputs, shard
 

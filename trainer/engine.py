@@ -1,7 +1,7 @@
 """PolicyTrainer: one rank's half of a training step, without Ray or the data store.
 
     score    (no grad, only when needed) proximal logprobs, reference logprobs, critic values
-    advantages  looked up by name in rl.algorithms; global statistics are summed over ranks
+    advantages  looked up by name in rl.core.algorithms; global statistics are summed over ranks
     update   for each PPO mini-batch: micro-batches (token budget) -> loss -> backward, then clip and step
 
 TrainerWorker (the Ray actor) feeds it samples from the data store; `streamrl bench trainer` feeds it
@@ -19,8 +19,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from rl import algorithms
-from rl.config import Recipe, TrainerConfig, max_response_tokens
+from rl.core import algorithms
+from rl.core.config import Recipe, TrainerConfig, max_response_tokens
 from trainer.batching import MicroBatch, Sample, collate, pad_stack, padded_tokens, plan_micro_batches, split_mini_batches
 from trainer.critic import build_critic, response_values
 from trainer.model import (ModelSource, build_policy, build_reference, logprobs_and_entropy, pad_multiple,

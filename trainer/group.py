@@ -19,10 +19,10 @@ from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from datastore.client import DataStore
-from rl.config import Recipe
-from rl.placement import Placement
-from rl.transport import ChannelSpec, WeightHandle
-from rl.waits import PeerDied, WaitTimeout, await_, reserve, wait
+from rl.core.config import Recipe
+from rl.core.placement import Placement
+from rl.core.transport import ChannelSpec, WeightHandle
+from rl.core.waits import PeerDied, WaitTimeout, await_, reserve, wait
 from trainer import checkpoint
 from trainer.worker import StepResult, TrainerActor
 

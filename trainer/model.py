@@ -13,7 +13,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from rl.config import TrainerConfig
+from rl.core.config import TrainerConfig
 from trainer.batching import MicroBatch
 
 ModelSource = Union[str, Any]  # an HF directory / hub id, or a transformers config (random init, for benchmarks)

@@ -3,7 +3,7 @@
 Every trainer rank walks the model's state dict in the same order and calls `full_tensor()` on each
 parameter (an all-gather over the trainer group, so every rank must take part); the ranks that pack
 (rank 0, or every rank for CUDA IPC) cast each full tensor to the engine dtype straight into the bucket's
-flat buffer, and the channel (`rl.transport`) sends the bucket while the next one is filled. Memory held
+flat buffer, and the channel (`rl.core.transport`) sends the bucket while the next one is filled. Memory held
 beyond the model is about two buckets (`rollout.weight_bucket_mb`), never the whole model (except shm,
 which writes one file).
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from rl.transport import Bucket, ChannelSpec, WeightHandle, gpu_uuid, make_sender, plan_buckets, tensor_view
+from rl.core.transport import Bucket, ChannelSpec, WeightHandle, gpu_uuid, make_sender, plan_buckets, tensor_view
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 A step: rank 0 claims the next batch of whole groups from the data store (metadata only) and broadcasts
 the claim; every rank fetches its own groups' payload straight from the storage units and hands the samples
 to its PolicyTrainer (trainer/engine.py: micro-batches, advantages, losses, optimizer, all looked up by
-name in `rl.algorithms`). When the controller asks (every `trainer.checkpoint_every` versions), the ranks
+name in `rl.core.algorithms`). When the controller asks (every `trainer.checkpoint_every` versions), the ranks
 start an asynchronous distributed checkpoint (trainer/checkpoint.py) and train on while it is written.
 Then the full weights are gathered from the shards and sent to the rollout engines through the weight
 channel.
@@ -28,11 +28,11 @@ import torch.distributed as dist
 
 from datastore.client import DataStore
 from datastore.controller import Take
-from rl.config import Recipe, trainer_memory_fraction
-from rl.heap import settle
-from rl.staleness import oldest_trainable, trainable
-from rl.transport import ChannelSpec, WeightHandle
-from rl.waits import WaitTimeout
+from rl.core.config import Recipe, trainer_memory_fraction
+from rl.core.heap import settle
+from rl.core.staleness import oldest_trainable, trainable
+from rl.core.transport import ChannelSpec, WeightHandle
+from rl.core.waits import WaitTimeout
 from trainer import checkpoint
 from trainer.batching import samples_from_columns
 from trainer.engine import PolicyTrainer
@@ -94,7 +94,7 @@ class TrainerWorker:
         self.ckpt_group = dist.new_group(backend="gloo", timeout=timeout)
         self.engine = PolicyTrainer(self.recipe, self.model_path, self.device)
         self.model = self.engine.model
-        settle()  # a full collection mid-step walks only what the run made (rl/heap.py)
+        settle()  # a full collection mid-step walks only what the run made (rl/core/heap.py)
         return {"rank": self.rank, "params": param_count(self.model), "setup_seconds": time.perf_counter() - t0}
 
     # ------------------------------------------------------------------ step

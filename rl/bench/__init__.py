@@ -56,7 +56,7 @@ def run_recipe(recipe: str | None, overrides: list[str], run_dir: str) -> tuple[
     """A whole streamrl run of `recipe` + `overrides` in this process, quietly (no bar, no dashboard, no
     final export), in `run_dir`. Returns the step records, when the training loop started (time.time())
     and the seconds spent before it (Ray, store, engines, trainer)."""
-    from rl.config import load_recipe
+    from rl.core.config import load_recipe
     from rl.controller import Controller
 
     t0 = time.time()

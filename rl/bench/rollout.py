@@ -50,7 +50,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def _model(args: argparse.Namespace) -> str:
     if args.model_path:
         return args.model_path
-    from rl.config import TinyModelConfig
+    from rl.core.config import TinyModelConfig
     from rl.models import build_random_model
 
     spec = TinyModelConfig(arch=args.arch, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
@@ -116,7 +116,7 @@ def _streamrl(args: argparse.Namespace, model: str, prompts: list[list[int]]) ->
     import ray
 
     from datastore.client import DataStore
-    from rl.config import RolloutConfig
+    from rl.core.config import RolloutConfig
     from rollout.router import RolloutRouter
     from rollout.records import GroupRequest
     from rollout.worker import SAMPLE_FIELDS, RolloutActor

@@ -290,7 +290,7 @@ def _profile(systems: dict[str, Any], args: argparse.Namespace, vocab: int, rank
 
 
 def _recipe(args: argparse.Namespace, *extra: str):
-    from rl.config import load_recipe
+    from rl.core.config import load_recipe
 
     return load_recipe(None, [
         f"trainer.world_size={args.world_size}", f"trainer.compute_dtype={args.compute_dtype}",

@@ -80,7 +80,7 @@ def default_systems(device: str, gpus: int) -> list[str]:
 
 def _gpu_model(work: Path) -> str:
     """A random-init Llama of Qwen2-0.5B's shape with the char tokenizer, in fp32 on disk (loaded as bf16)."""
-    from rl.config import TinyModelConfig
+    from rl.core.config import TinyModelConfig
     from rl.models import build_random_model
 
     out = Path(tempfile.gettempdir()) / "streamrl-bench-vs-trl-qwen05"
@@ -105,7 +105,7 @@ def workload(args: argparse.Namespace, device: str, work: Path) -> dict[str, Any
     common = {"batch_groups": args.batch_groups, "group_size": args.group_size, "steps": args.steps,
               "warmup_steps": args.warmup, "seed": args.seed, "temperature": 1.0, "clip_low": 0.2, "clip_high": 0.28}
     if device == "cpu":
-        from rl.config import load_recipe
+        from rl.core.config import load_recipe
         from rl.data import synthetic_task
         from rl.models import make_tiny_model
 

@@ -26,7 +26,7 @@ from typing import Any
 import ray
 
 from rl.bench import print_table
-from rl.waits import wait
+from rl.core.waits import wait
 from rollout.worker import RolloutActor, stop_workers
 from trainer.group import TrainerGroup
 from trainer.worker import TrainerActor
@@ -70,7 +70,7 @@ def _shape(args: argparse.Namespace) -> dict[str, int]:
 def _model(args: argparse.Namespace) -> str:
     if args.model_path:
         return args.model_path
-    from rl.config import TinyModelConfig
+    from rl.core.config import TinyModelConfig
     from rl.models import build_random_model
 
     s = _shape(args)
@@ -135,7 +135,7 @@ class PinnedTrainerGroup(TrainerGroup):
 
 # ------------------------------------------------------------------------------------------------ run
 def _recipe(args: argparse.Namespace, model: str, device: str, transport: str) -> Any:
-    from rl.config import load_recipe
+    from rl.core.config import load_recipe
 
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     return load_recipe(None, [

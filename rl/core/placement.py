@@ -25,8 +25,8 @@ from typing import Any, Optional
 
 import ray
 
-from rl.config import Recipe, RecipeError, trainer_memory_fraction
-from rl.waits import reserve, wait
+from rl.core.config import Recipe, RecipeError, trainer_memory_fraction
+from rl.core.waits import reserve, wait
 
 GIB = 2**30
 ENGINE_OVERHEAD_GIB = 1.0  # vLLM's activations, sampler and CUDA graph pool at small batch: at least this

@@ -152,10 +152,10 @@ class AlgorithmConfig:
     eta: int = 1  # staleness bound: a sample made by version v is trained at version <= v + eta
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, draw more prompts
     dynamic_sampling_max_drops: int = 0  # give up after this many signal-free groups in a row; 0 = 20 batches
-    advantage: str = "grpo"  # advantage estimator, see rl.algorithms.ADVANTAGES; with rollout.group_size = 1 the
+    advantage: str = "grpo"  # advantage estimator, see rl.core.algorithms.ADVANTAGES; with rollout.group_size = 1 the
     #                          group estimators (grpo, rloo, reinforce_pp_baseline) use the raw reward (no baseline)
     std_normalize: bool = True  # grpo, rloo: divide by the group's reward std
-    policy_loss: str = "decoupled_ppo"  # decoupled_ppo | ppo_clip | gspo (needs loss_agg seq-mean); rl.algorithms.POLICY_LOSSES
+    policy_loss: str = "decoupled_ppo"  # decoupled_ppo | ppo_clip | gspo (needs loss_agg seq-mean); rl.core.algorithms.POLICY_LOSSES
     clip_low: float = 0.2
     clip_high: float = 0.28  # clip-higher (DAPO); set equal to clip_low for symmetric PPO (gspo: about 3e-4 and 4e-4)
     clip_ratio_c: float = 3.0  # dual clip (decoupled_ppo, ppo_clip): a token with advantage A < 0 loses at most -c * A;
@@ -419,7 +419,7 @@ def _type_error(exc: OmegaConfBaseException, origin: str) -> str:
 
 def validate(recipe: Recipe) -> None:
     """Checks that types alone cannot express; each error names the key and what would be valid."""
-    from rl.algorithms import ADVANTAGES, POLICY_LOSSES
+    from rl.core.algorithms import ADVANTAGES, POLICY_LOSSES
 
     flat = {k: _get(recipe, k) for k in CHOICES}
     for key, allowed in CHOICES.items():
@@ -469,7 +469,7 @@ def validate(recipe: Recipe) -> None:
 
 
 def _validate_placement(recipe: Recipe) -> None:
-    """What each placement needs (the memory fit on the real GPUs is checked by rl.placement before start-up)."""
+    """What each placement needs (the memory fit on the real GPUs is checked by rl.core.placement before start-up)."""
     r, placement = recipe, recipe.resources.placement
     if placement == "timeshare" and r.algorithm.dynamic_sampling:
         raise RecipeError("Recipe keys 'resources.placement' = timeshare and 'algorithm.dynamic_sampling' = true cannot "

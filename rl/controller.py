@@ -34,7 +34,8 @@ from rl.resume import TRAINED, Resume, refuse_existing_run, require_checkpoint
 from rl.core.scoring import WRITE_FIELDS
 from rl.reward_worker import RewardActor
 from rl.core.staleness import StalenessBudget
-from rl.core.waits import wait
+from rl.core.waits import WaitTimeout, wait
+from rl.watchdog import Watchdog
 from rl.weight_sync import WeightSync
 from rollout.router import RolloutRouter
 from rollout.worker import SAMPLE_FIELDS, RolloutActor
@@ -156,6 +157,7 @@ class Controller:
             asyncio.run(self.weights.push())
         self.router = RolloutRouter(self.rollouts, r.rollout.max_tokens, self.timeout)
         self.weights.router = self.router
+        self.watchdog = Watchdog(self.trainer.ranks, self.rollouts, r.resources.stall_warn_s)
         settle()
 
     async def run_async(self) -> list[dict[str, Any]]:
@@ -177,13 +179,13 @@ class Controller:
                 with metrics.phase("train", actor="trainer"):
                     train = asyncio.ensure_future(self.trainer.train_step(step))
                     if deferred is not None:  # the last step's record, written while this step trains
-                        records.append(await self._log_step(metrics, *deferred))
+                        records.append(await self._record(metrics, deferred, stages))
                         deferred = None
-                    result = await self._train_or_fail(step, stages, train)
+                    result = await self._watched(train, f"training step {step}", stages)
                 self._record_trained(step, result)
                 m = result.metrics
                 with metrics.phase("sync", actor="trainer"):
-                    m.update(await self.weights.push())
+                    m.update(await self._watched(self.weights.push(), f"the weight sync after step {step}", stages))
                 if self.colocation.enabled:
                     with metrics.phase("wake"):
                         await self.colocation.after_sync()
@@ -193,11 +195,11 @@ class Controller:
                 m.update(metrics.take_phases(), time=time.time())
                 deferred = (step, m, asyncio.ensure_future(stages.step_metrics(m)))
                 if self._checkpoint_due(step + 1):  # a checkpoint never holds a step its records lack
-                    records.append(await self._log_step(metrics, *deferred))
+                    records.append(await self._record(metrics, deferred, stages))
                     deferred = None
                     await self.trainer.start_checkpoint()
             if deferred is not None:
-                records.append(await self._log_step(metrics, *deferred))
+                records.append(await self._record(metrics, deferred, stages))
                 deferred = None
             await self._finish()
         except BaseException as exc:
@@ -233,9 +235,11 @@ class Controller:
         with open(self.run_dir / TRAINED, "a") as f:
             f.write(json.dumps({"step": step, "trained": trained, "dropped": dropped}) + "\n")
 
-    @staticmethod
-    async def _log_step(metrics: MetricsLogger, step: int, m: dict[str, Any], extra: asyncio.Future) -> dict[str, Any]:
-        m.update(await extra)
+    async def _record(self, metrics: MetricsLogger, deferred: tuple[int, dict[str, Any], asyncio.Future],
+                      stages: "Stages") -> dict[str, Any]:
+        """A step's record, once its stage metrics (gathered beside the next step) are in."""
+        step, m, extra = deferred
+        m.update(await self._watched(extra, f"step {step}'s stage metrics", stages))
         return metrics.log(step, m)
 
     def _checkpoint_due(self, version: int) -> bool:
@@ -255,16 +259,27 @@ class Controller:
             out = await asyncio.to_thread(self.trainer.export_hf, self.run_dir / "final_model")
             log.info("final model: %s", out)
 
-    async def _train_or_fail(self, step: int, stages: "Stages", train: asyncio.Future) -> StepResult:
-        """The train step's result, unless a background stage fails first: then its error is the one raised."""
+    async def _watched(self, aw: Any, what: str, stages: "Stages") -> Any:
+        """Await `aw` (the loop's waits: a train step, a sync, a step's metrics) unless a background stage
+        fails first: then that stage's error is the one raised. A wait that makes no progress for
+        `resources.stall_warn_s` gets the watchdog's diagnosis (which actor is stuck, where), logged and
+        joined to the timeout's error."""
+        fut = asyncio.ensure_future(aw)
+        started = warned = time.monotonic()
         while True:
-            done, _ = await asyncio.wait({train}, timeout=1.0)
+            done, _ = await asyncio.wait({fut}, timeout=1.0)
             if done:
-                return train.result()
+                try:
+                    return fut.result()
+                except WaitTimeout as exc:
+                    if self.watchdog.last:
+                        raise WaitTimeout(f"{exc}\nThe watchdog's last look: {self.watchdog.last}") from exc
+                    raise
             failed = stages.error()
             if failed is not None:
-                train.cancel()
-                raise RuntimeError(f"{failed[0]} failed while training step {step} waited: {failed[1]}") from failed[1]
+                fut.cancel()
+                raise RuntimeError(f"{failed[0]} failed while {what} waited: {failed[1]}") from failed[1]
+            warned = await self.watchdog.watch(what, started, warned)
 
     def run(self) -> list[dict[str, Any]]:
         return asyncio.run(self.run_async())

@@ -16,6 +16,7 @@ import datetime
 import logging
 import os
 import socket
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -76,6 +77,16 @@ class TrainerWorker:
         self.pending: Optional[tuple[Path, concurrent.futures.Future]] = None  # checkpoint being written
         torch.set_num_threads(recipe.trainer.threads_per_rank)
 
+    @ray.method(concurrency_group="watch")
+    def where(self) -> str:
+        """The Python stack of the thread running its steps (innermost last), answered on a thread of its
+        own while a step runs: what the watchdog (rl/watchdog.py) shows of a stuck rank."""
+        import sys
+        import traceback
+
+        frame = sys._current_frames().get(getattr(self, "step_thread", None) or threading.main_thread().ident)
+        return "".join(traceback.format_stack(frame)[-8:]) if frame is not None else "(no step has run yet)"
+
     # ------------------------------------------------------------------ setup
     def address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), free_port()
@@ -132,6 +143,7 @@ class TrainerWorker:
         it. Returns global metrics and, on rank 0, the rows trained and dropped. (Checkpoints are the
         controller's call: it saves only after it has recorded what the step trained on, so a checkpoint
         never holds a step the records lack.)"""
+        self.step_thread = threading.get_ident()  # where() shows this thread's stack
         assert self.engine is not None, "setup() first"
         t0 = time.perf_counter()
         take, dropped = self._claim(step)
@@ -268,4 +280,4 @@ def _check_trainable(versions: list[int], indexes: list[int], step: int, eta: in
                            f"which drops them, or start a fresh run directory")
 
 
-TrainerActor = ray.remote(num_cpus=1)(TrainerWorker)
+TrainerActor = ray.remote(num_cpus=1, concurrency_groups={"watch": 1})(TrainerWorker)

@@ -221,6 +221,7 @@ class ResourcesConfig:
     ray_address: Optional[str] = None  # empty starts a local Ray; "auto" joins a running cluster
     num_cpus: Optional[int] = None  # logical CPUs for a local Ray (default: enough for every actor)
     wait_timeout_s: float = 300.0  # every blocking wait (actor calls, store gets, syncs) gives up after this
+    stall_warn_s: float = 60.0  # a step that makes no progress this long: log which actor is stuck and where (0: off)
 
 
 @dataclass
@@ -439,8 +440,9 @@ def validate(recipe: Recipe) -> None:
     for key in positive:
         if not _get(recipe, key) > 0:
             raise RecipeError(f"Recipe key '{key}' must be > 0; got {_get(recipe, key)!r}")
-    if recipe.algorithm.eta < 0:
-        raise RecipeError(f"Recipe key 'algorithm.eta' must be >= 0; got {recipe.algorithm.eta}")
+    for key in ("algorithm.eta", "resources.stall_warn_s"):
+        if _get(recipe, key) < 0:
+            raise RecipeError(f"Recipe key '{key}' must be >= 0; got {_get(recipe, key)!r}")
     if recipe.trainer.batch_groups % recipe.trainer.world_size:
         raise RecipeError(
             f"Recipe key 'trainer.batch_groups' = {recipe.trainer.batch_groups} must be a multiple of "

@@ -15,6 +15,8 @@ import asyncio
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from rl.transport import WeightHandle, pick_transport
 from rl.waits import WaitTimeout, await_, wait
 from rollout.router import RolloutRouter
 from rollout.worker import SAMPLE_FIELDS, RolloutActor
+from trainer import checkpoint
 from trainer.group import TrainerGroup
 from trainer.worker import StepResult
 
@@ -56,14 +59,37 @@ def pick_device(requested: str) -> str:
 
 def init_ray(r: Recipe) -> None:
     """Join the cluster named in the recipe or RAY_ADDRESS (set inside a Ray job); otherwise start a fresh
-    local instance (never silently join some other cluster started on this machine)."""
+    local instance (never silently join some other cluster started on this machine) that listens on
+    `resources.ray_host` only. A SIGTERM handler set before (the CLI's clean stop) survives Ray's own."""
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     address = r.resources.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env={"env_vars": QUIET_ENV}, log_to_driver=True)
-        return
-    needed = 2 * (r.rollout.num_engines + r.trainer.world_size) + 1
-    ray.init(address="local", num_cpus=r.resources.num_cpus or max(needed, os.cpu_count() or 1),
-             include_dashboard=False, runtime_env={"env_vars": QUIET_ENV}, log_to_driver=True)
+    else:
+        needed = 2 * (r.rollout.num_engines + r.trainer.world_size) + 1
+        ray.init(address="local", num_cpus=r.resources.num_cpus or max(needed, os.cpu_count() or 1),
+                 include_dashboard=False, runtime_env={"env_vars": QUIET_ENV}, log_to_driver=True,
+                 **ray_listen_args(r.resources.ray_host))
+    if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)  # Ray's handler would sys.exit mid-call
+
+
+def ray_listen_args(host: str) -> dict[str, Any]:
+    """ray.init arguments that make a Ray started here listen on `host` (`resources.ray_host`).
+
+    Ray takes a loopback node address as "use this machine's IP" (services.resolve_ip_for_localhost) unless
+    it runs clusterless (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read by the processes it starts and, at import,
+    by this one); then the GCS, raylet, workers and agents all bind 127.0.0.1. Another address is Ray's
+    node address; 0.0.0.0 leaves Ray's defaults (every interface)."""
+    if host in ("127.0.0.1", "localhost"):
+        from ray._private import ray_constants
+
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False  # read at import; no public switch in Ray 2.60
+        return {"_node_ip_address": "127.0.0.1", "dashboard_host": "127.0.0.1"}
+    if host == "0.0.0.0":
+        return {"dashboard_host": host}
+    return {"_node_ip_address": host, "dashboard_host": host}
 
 
 def spawn_rollout_workers(r: Recipe, model_path: str, store: DataStore, device: str,
@@ -103,6 +129,7 @@ class Controller:
         r = self.recipe
         if self.resume:  # both checks fail before anything starts
             ckpt: Path | None = require_checkpoint(self.run_dir, r.trainer.checkpoint_every)
+            checkpoint.verify(ckpt)  # nothing in a run directory runs on load (UnsafeCheckpoint names the file)
         else:
             refuse_existing_run(self.run_dir)
             ckpt = None
@@ -414,11 +441,30 @@ class Stages:
     def error(self) -> tuple[str, BaseException] | None:
         if self.ctl.feeder.error is not None:
             return "rollout", self.ctl.feeder.error
+        dead = self._reward_error()
+        if dead is not None:
+            return dead
         if self.gfilter is not None and self.gfilter.error is not None:
             return "dynamic sampling", self.gfilter.error
         for t in self.tasks:
             if t.done() and not t.cancelled() and t.exception() is not None:
                 return "a background stage", t.exception()
+        return None
+
+    def _reward_error(self) -> tuple[str, BaseException] | None:
+        """A reward worker's run loop ends only when stopped: one that ended before is dead or failed (its
+        function could not be imported, it raised, or the process exited); its error names it."""
+        if not self.reward_refs:
+            return None
+        ended, _ = ray.wait(self.reward_refs, num_returns=len(self.reward_refs), timeout=0)
+        for ref in ended:
+            i = self.reward_refs.index(ref)
+            try:
+                ray.get(ref, timeout=0)
+                exc: BaseException = RuntimeError("its run loop returned before the run stopped it")
+            except Exception as err:  # RayActorError (the process died) or the loop's own exception
+                exc = err
+            return f"the reward stage (reward worker {i})", exc
         return None
 
     async def step_metrics(self, m: dict[str, Any]) -> dict[str, Any]:

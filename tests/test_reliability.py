@@ -100,6 +100,47 @@ def test_resume_refuses_a_planted_checkpoint_before_anything_starts(tmp_path, ca
     assert not (tmp_path / "datastore").exists()  # nothing started
 
 
+# ---------------------------------------------------------------- a Ray that streamrl starts listens on localhost
+
+LISTENERS = """
+import json, psutil, ray
+from rl.config import load_recipe
+from rl.controller import init_ray
+
+init_ray(load_recipe(None, ["resources.num_cpus=1"]))
+ray.get(ray.remote(num_cpus=0)(lambda: 1).remote(), timeout=120)  # a worker process is up too
+me = psutil.Process()
+found = set()
+for p in [me, *me.children(recursive=True)]:
+    try:
+        found |= {(p.name(), c.laddr.ip) for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+    except psutil.Error:
+        pass
+print(json.dumps(sorted(found)))
+ray.shutdown()
+"""
+
+
+def test_a_ray_that_streamrl_starts_listens_on_localhost_only():
+    import json
+    import subprocess
+    import sys
+
+    from rl.controller import ray_listen_args
+
+    assert ray_listen_args("0.0.0.0") == {"dashboard_host": "0.0.0.0"}  # asked for: Ray's own default
+    assert ray_listen_args("10.1.2.3") == {"_node_ip_address": "10.1.2.3", "dashboard_host": "10.1.2.3"}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", LISTENERS], capture_output=True, text=True, timeout=300, env=env,
+                         cwd=Path(__file__).parent.parent)
+    assert out.returncode == 0, out.stderr[-3000:]
+    listeners = json.loads(out.stdout.strip().splitlines()[-1])
+    names = {name for name, _ in listeners}
+    assert {"gcs_server", "raylet"} <= names, listeners  # Ray's own servers were seen ...
+    wide = [(name, ip) for name, ip in listeners if ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
+    assert not wide, f"listening beyond loopback: {wide}"  # ... and none listens beyond this machine
+
+
 # ---------------------------------------------------------------- fail fast: a dead reward worker
 
 DIES = '''
@@ -175,3 +216,50 @@ def test_the_router_requeues_a_dead_engines_samples_on_the_survivor(engines):
     (failure,) = router.failures
     assert failure["engine"] == 0 and failure["samples"] == [0, 1, 2, 3] and "rollout worker 0 died" in failure["error"]
     assert not router.restarts  # a dead actor is not restarted in place
+
+
+# ---------------------------------------------------------------- SIGTERM / Ctrl-C stop a run cleanly
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_stops_a_run_cleanly_and_says_how_to_resume(tiny_model, tmp_path, sig):
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from rl.metrics import read_metrics, read_status
+    from trainer.checkpoint import latest_checkpoint
+
+    run_dir, out = tmp_path / "run", tmp_path / "out.txt"
+    cmd = [sys.executable, "-m", "rl.cli", "run", "recipes/cpu_default.yaml", f"model.path={tiny_model}",
+           f"logging.run_dir={run_dir}", "logging.progress=false", "logging.dashboard=false", "trainer.batch_groups=2",
+           "rollout.group_size=4", "trainer.total_steps=200", "trainer.checkpoint_every=1", "trainer.export_final=false",
+           "resources.wait_timeout_s=120"]
+    with open(out, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                cwd=Path(__file__).parent.parent)
+        try:
+            deadline = time.time() + 400
+            while not read_metrics(run_dir):
+                assert proc.poll() is None, out.read_text()[-3000:]
+                assert time.time() < deadline, "the run made no step"
+                time.sleep(0.5)
+            proc.send_signal(signal.Signals[sig])  # SIGINT: what Ctrl-C sends
+            t0 = time.time()
+            rc = proc.wait(timeout=180)
+            stop_s = time.time() - t0
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = out.read_text()
+    assert rc == 128 + signal.Signals[sig], text[-3000:]  # 143 / 130
+    assert f"stopped by {sig}" in text and f"streamrl resume {run_dir}" in text, text[-3000:]
+    assert "Traceback" not in text, text[-5000:]
+    assert read_status(run_dir)["state"] == "stopped"
+    assert latest_checkpoint(run_dir) is not None  # the checkpoint being written when the signal came was finished
+    steps = [m["step"] for m in read_metrics(run_dir)]
+    assert steps == list(range(len(steps))) and len(steps) < 200
+    assert stop_s < 60, stop_s
+    print(json.dumps({"stop_s": stop_s, "steps": len(steps)}), text[-800:])

@@ -32,7 +32,7 @@ from rl.metrics import MetricsLogger, learning_summary, read_metrics
 from rl.models import load_tokenizer, resolve_model_path
 from rl.placement import Placement, describe, plan
 from rl.resume import consumed_rows, lost_lineage, refuse_existing_run, require_checkpoint
-from rl.reward_worker import WRITE_FIELDS, RewardActor
+from rl.reward_worker import WRITE_FIELDS, RewardActor, death_cause
 from rl.staleness import StalenessBudget
 from rl.transport import WeightHandle, pick_transport
 from rl.waits import WaitTimeout, await_, wait
@@ -461,9 +461,12 @@ class Stages:
             i = self.reward_refs.index(ref)
             try:
                 ray.get(ref, timeout=0)
-                exc: BaseException = RuntimeError("its run loop returned before the run stopped it")
+                why = "its run loop returned before the run stopped it"
+                cause: BaseException | None = None
             except Exception as err:  # RayActorError (the process died) or the loop's own exception
-                exc = err
+                why, cause = death_cause(err), err
+            exc = RuntimeError(f"{why} (reward.fn={self.ctl.recipe.reward.fn}; its log is above)")
+            exc.__cause__ = cause
             return f"the reward stage (reward worker {i})", exc
         return None
 

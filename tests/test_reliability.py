@@ -176,7 +176,32 @@ def test_a_reward_worker_that_dies_ends_the_run_in_seconds_naming_it(ray_session
     finally:
         ctl.shutdown()
     assert elapsed < 30 < wait_timeout_s, elapsed  # seen at once, not after the wait timeout
-    assert "died" in str(err.value) or "exit" in str(err.value), str(err.value)
+    msg = str(err.value)
+    assert "its process died" in msg and f"reward.fn={tmp_path / 'dies.py'}:score" in msg and "\n" not in msg, msg
+
+
+def test_why_a_worker_ended_fits_one_line(ray_session):
+    """Ray's actor errors are a page; the stage error keeps the user's exception or how the process exited."""
+    import ray
+
+    from rl.reward_worker import death_cause
+
+    @ray.remote(num_cpus=0)
+    class Broken:
+        def __init__(self, how: str) -> None:
+            if how == "import":
+                import streamrl_no_such_reward_module  # noqa: F401
+
+        def call(self) -> None:
+            os._exit(3)
+
+    errors = []
+    for how in ("import", "exit"):
+        with pytest.raises(ray.exceptions.RayActorError) as err:
+            ray.get(Broken.remote(how).call.remote(), timeout=60)
+        errors.append(death_cause(err.value))
+    assert errors[0] == "it could not start: ModuleNotFoundError: No module named 'streamrl_no_such_reward_module'"
+    assert errors[1].startswith("its process died (") and "\n" not in errors[1], errors[1]
 
 
 # ---------------------------------------------------------------- the router re-queues a dead engine's samples

@@ -57,8 +57,8 @@ class RolloutRouter:
             try:
                 res = await await_(self.workers[i].generate_group.remote(pending), self.timeout_s,
                                    f"group {req.group} ({len(pending.sample_ids())} samples)", f"rollout worker {i}")
-            except (PeerDied, ray.exceptions.RayActorError) as exc:  # the actor died (await_ says PeerDied): the
-                # store knows which samples finished, so the rest go to another engine
+            except (PeerDied, ray.exceptions.RayActorError) as exc:  # the actor died (await_ raises PeerDied):
+                # the request's samples go to another engine
                 res = {"done": [], "failed": pending.sample_ids(), "error": f"actor died: {exc}", "tokens": 0,
                        "actor_died": True}
             finally:

@@ -63,8 +63,12 @@ class SignalStop:
     raises KeyboardInterrupt). Remembers a SIGTERM for the exit code (128 + the signal's number)."""
 
     def __init__(self) -> None:
+        import threading
+
         self.signum: int | None = None
-        self.previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, self._on_sigterm)}
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():  # only there can Python set a handler
+            self.previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.signum = signum

@@ -12,8 +12,10 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from rl.core.config import RecipeError, load_recipe, resolve_run_dir, to_yaml
 
@@ -52,14 +54,27 @@ def _dry_run_report(origin: str | None, checked: list[str], run_dir: Path) -> in
 
 
 def _run(ctl) -> int:
-    """Build, run, tear down, then print where the run is and how reward moved (over the whole run)."""
+    """Build, run, tear down, then print where the run is and how reward moved (over the whole run).
+    Ctrl-C or SIGTERM stops the run cleanly: the loop's stages stop, the trainer finishes any checkpoint
+    write, and the command to resume is printed (rc 130 / 143, no traceback)."""
     from rl.metrics import learning_summary, read_metrics
+    from trainer.checkpoint import UnsafeCheckpoint
 
-    ctl.build()
+    stop = SignalStop()
     try:
-        ctl.run()
+        try:
+            ctl.build()
+            ctl.run()
+        finally:
+            ctl.shutdown()
+    except KeyboardInterrupt:
+        print(stop.report(ctl.run_dir), file=sys.stderr, flush=True)
+        return stop.exit_code()
+    except UnsafeCheckpoint as exc:
+        print(f"streamrl: {exc}", file=sys.stderr)
+        return 1
     finally:
-        ctl.shutdown()
+        stop.restore()
     summary = learning_summary(read_metrics(ctl.run_dir))
     print(f"\nrun directory: {ctl.run_dir}" + (f" (resumed at step {ctl.start_step})" if ctl.resume else ""))
     if summary:
@@ -80,6 +95,46 @@ def _cmd_config(args: argparse.Namespace) -> int:
     recipe, overrides = _recipe_args(args)
     print(to_yaml(load_recipe(recipe, overrides)), end="")
     return 0
+
+
+class SignalStop:
+    """SIGTERM stops a run the way Ctrl-C does: it calls the SIGINT handler in force (asyncio's while the
+    loop runs, which cancels the loop's main task so its `finally` blocks run; otherwise Python's, which
+    raises KeyboardInterrupt). Remembers a SIGTERM for the exit code (128 + the signal's number)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():  # only there can Python set a handler
+            self.previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)
+        else:  # SIGINT ignored or left to the OS: still stop
+            raise KeyboardInterrupt
+
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGINT)
+
+    def report(self, run_dir: Path) -> str:
+        from rl.metrics import read_metrics
+        from trainer.checkpoint import latest_checkpoint
+
+        name = signal.Signals(self.signum or signal.SIGINT).name
+        steps = len(read_metrics(run_dir)) if Path(run_dir).is_dir() else 0
+        ckpt = latest_checkpoint(run_dir)
+        where = (f"continue it from {ckpt.name}: streamrl resume {run_dir}" if ckpt is not None else
+                 "it has no checkpoint yet, so it cannot be resumed (set trainer.checkpoint_every to make one)")
+        return f"\nstreamrl: stopped by {name} after {steps} steps; run directory {run_dir}; {where}"
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def _cmd_make_model(args: argparse.Namespace) -> int:

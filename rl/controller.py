@@ -15,6 +15,8 @@ import asyncio
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ from rl.watchdog import Watchdog
 from rl.weight_sync import WeightSync
 from rollout.router import RolloutRouter
 from rollout.worker import SAMPLE_FIELDS, RolloutActor
+from trainer import checkpoint
 from trainer.group import TrainerGroup
 from trainer.worker import StepResult
 
@@ -58,14 +61,37 @@ def pick_device(requested: str) -> str:
 
 def init_ray(r: Recipe) -> None:
     """Join the cluster named in the recipe or RAY_ADDRESS (set inside a Ray job); otherwise start a fresh
-    local instance (never silently join some other cluster started on this machine)."""
+    local instance (never silently join some other cluster started on this machine) that listens on
+    `resources.ray_host` only. A SIGTERM handler set before (the CLI's clean stop) survives Ray's own."""
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     address = r.resources.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env={"env_vars": QUIET_ENV}, log_to_driver=True)
-        return
-    needed = 2 * (r.rollout.num_engines + r.trainer.world_size) + 1
-    ray.init(address="local", num_cpus=r.resources.num_cpus or max(needed, os.cpu_count() or 1),
-             include_dashboard=False, runtime_env={"env_vars": QUIET_ENV}, log_to_driver=True)
+    else:
+        needed = 2 * (r.rollout.num_engines + r.trainer.world_size) + 1
+        ray.init(address="local", num_cpus=r.resources.num_cpus or max(needed, os.cpu_count() or 1),
+                 include_dashboard=False, runtime_env={"env_vars": QUIET_ENV}, log_to_driver=True,
+                 **ray_listen_args(r.resources.ray_host))
+    if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)  # Ray's handler would sys.exit mid-call
+
+
+def ray_listen_args(host: str) -> dict[str, Any]:
+    """ray.init arguments that make a Ray started here listen on `host` (`resources.ray_host`).
+
+    Ray takes a loopback node address as "use this machine's IP" (services.resolve_ip_for_localhost) unless
+    it runs clusterless (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read by the processes it starts and, at import,
+    by this one); then the GCS, raylet, workers and agents all bind 127.0.0.1. Another address is Ray's
+    node address; 0.0.0.0 leaves Ray's defaults (every interface)."""
+    if host in ("127.0.0.1", "localhost"):
+        from ray._private import ray_constants
+
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False  # read at import; no public switch in Ray 2.60
+        return {"_node_ip_address": "127.0.0.1", "dashboard_host": "127.0.0.1"}
+    if host == "0.0.0.0":
+        return {"dashboard_host": host}
+    return {"_node_ip_address": host, "dashboard_host": host}
 
 
 def spawn_rollout_workers(r: Recipe, model_path: str, store: DataStore, device: str,
@@ -105,6 +131,7 @@ class Controller:
         r = self.recipe
         if self.resume:  # both checks fail before anything starts
             ckpt: Path | None = require_checkpoint(self.run_dir, r.trainer.checkpoint_every)
+            checkpoint.verify(ckpt)  # nothing in a run directory runs on load (UnsafeCheckpoint names the file)
         else:
             refuse_existing_run(self.run_dir)
             ckpt = None
@@ -226,7 +253,7 @@ class Controller:
             gfilter = GroupFilter(self.store, PARTITION, r.rollout.group_size, self.budget, self.feeder.wake.set,
                                   r.algorithm.dynamic_sampling_max_drops or 20 * r.trainer.batch_groups)
         return Stages(self.feeder, gfilter, self.budget, self.router, self.store, self.rollouts, self.rewarders,
-                      metrics, self.timeout, requeue)
+                      metrics, self.timeout, requeue, reward_fn=r.reward.fn)
 
     def _record_trained(self, step: int, result: StepResult) -> None:
         """Which rows the step trained on and dropped (as too stale): the resume record, one line a step."""

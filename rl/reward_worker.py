@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from typing import Any
 
@@ -58,6 +59,20 @@ class RewardWorker:
 
     async def stats(self) -> dict[str, Any]:
         return {"rank": self.rank, "busy_s": self.busy_s, **self.tally.stats()}
+
+
+def death_cause(exc: BaseException) -> str:
+    """One line for why a worker's call ended: Ray's actor errors are a page (ids, pid, the creation task's
+    traceback, OOM advice); keep the user's exception, or how the process exited."""
+    text = str(exc)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    raised = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b.*?:", ln)]
+    if "creation task" in text and raised:
+        return f"it could not start: {raised[-1]}"
+    exit_detail = re.search(r"Worker exit detail: (.*?)(\.|$)", text)
+    if exit_detail:
+        return f"its process died ({exit_detail.group(1)})"
+    return raised[-1] if raised else (lines[0] if lines else type(exc).__name__)
 
 
 def _sample(r: dict[str, Any]) -> Sample:

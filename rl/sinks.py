@@ -3,8 +3,9 @@ turns on (TensorBoard, Weights & Biases, MLflow).
 
 A sink is `log(step, record)` and `close(state)`; `MetricsLogger` fans every record out to its sinks.
 Trackers get the record's finite numbers (a nested dict such as `staleness/hist` becomes `staleness/hist/<lag>`)
-and the resolved recipe (`config.yaml` of the run) as their config / params. A tracker that fails mid-run is
-reported once and dropped: the run goes on, and metrics.jsonl still has every step.
+and the resolved recipe (`config.yaml` of the run) as their config / params. Each tracker runs on a thread of its
+own (`ThreadedSink`), so a slow or stalled network call never holds the controller's event loop; a tracker
+that fails, stalls or falls behind is reported once and the run goes on: metrics.jsonl has every step.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import json
 import logging
 import math
 import os
+import queue
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,6 +35,8 @@ CONSOLE_KEYS = [
     ("time/step_s", "step_s", "{:.2f}"),
 ]
 TRACKERS_EXTRA = "pip install 'streamrl[trackers]'"
+TRACKER_QUEUE = 256  # records a tracker may fall behind by; later ones are dropped (reported once) until it catches up
+TRACKER_CLOSE_TIMEOUT_S = 60.0  # the end of a run waits at most this long for a tracker to flush and finish
 
 
 class Sink(Protocol):
@@ -56,19 +61,78 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def recipe_params(run_dir: Path) -> dict[str, str]:
-    """The run's resolved recipe (`config.yaml`) as flat `section.key` -> text, for tracker configs."""
+def recipe_values(run_dir: Path) -> dict[str, Any]:
+    """The run's resolved recipe (`config.yaml`) as flat `section.key` -> value with its YAML type (W&B's config)."""
     path = run_dir / "config.yaml"
     if not path.exists():
         return {}
     from omegaconf import OmegaConf
 
-    def flat(tree: Any, prefix: str) -> dict[str, str]:
+    def flat(tree: Any, prefix: str) -> dict[str, Any]:
         if isinstance(tree, dict):
             return {k: v for key, sub in tree.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
-        return {prefix.rstrip("."): json.dumps(tree) if isinstance(tree, list) else str(tree)}
+        return {prefix.rstrip("."): tree}
 
     return flat(OmegaConf.to_container(OmegaConf.load(path)), "")
+
+
+def recipe_params(run_dir: Path) -> dict[str, str]:
+    """The recipe as flat `section.key` -> text, for trackers whose params are strings (MLflow, TensorBoard)."""
+    return {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in recipe_values(run_dir).items()}
+
+
+class ThreadedSink:
+    """A tracker sink on a thread of its own: `log` only queues the record (a full queue drops it, reported
+    once), `close` waits at most `close_timeout_s` for the queue to drain and the tracker to finish, then
+    leaves a stalled one behind (a daemon thread). A tracker that raises is reported once and dropped."""
+
+    def __init__(self, sink: Sink, queue_size: int | None = None, close_timeout_s: float | None = None) -> None:
+        self.sink, self.name = sink, sink.name
+        self.close_timeout_s = TRACKER_CLOSE_TIMEOUT_S if close_timeout_s is None else close_timeout_s
+        self.queue: queue.Queue[tuple[str, tuple[Any, ...]]] = queue.Queue(maxsize=queue_size or TRACKER_QUEUE)
+        self.failed = False
+        self.reported: set[str] = set()
+        self.thread = threading.Thread(target=self._work, name=f"tracker-{self.name}", daemon=True)
+        self.thread.start()
+
+    def log(self, step: int, record: dict[str, Any]) -> None:
+        if self.failed:
+            return
+        try:
+            self.queue.put_nowait(("log", (step, dict(record))))
+        except queue.Full:
+            self._report("behind", f"metrics sink {self.name} is {self.queue.qsize()} records behind (stalled or "
+                                   f"slow); dropping its records from step {step} until it catches up "
+                                   "(metrics.jsonl has every step)")
+
+    def close(self, state: str) -> None:
+        deadline = time.monotonic() + self.close_timeout_s
+        try:
+            self.queue.put(("close", (state,)), timeout=self.close_timeout_s)
+        except queue.Full:
+            pass
+        self.thread.join(max(0.0, deadline - time.monotonic()))
+        if self.thread.is_alive():
+            self._report("close", f"metrics sink {self.name} did not flush and finish within "
+                                  f"{self.close_timeout_s:.0f} s; left behind (metrics.jsonl has every step)")
+
+    def _work(self) -> None:
+        while True:
+            method, args = self.queue.get()
+            if not self.failed:
+                try:
+                    getattr(self.sink, method)(*args)
+                except Exception as exc:
+                    self.failed = True
+                    self._report("failed", f"metrics sink {self.name} failed in {method} ({type(exc).__name__}: "
+                                           f"{exc}); dropped for the rest of the run (metrics.jsonl has every step)")
+            if method == "close":
+                return
+
+    def _report(self, what: str, text: str) -> None:
+        if what not in self.reported:
+            self.reported.add(what)
+            log.warning("%s", text)
 
 
 class ConsoleSink:
@@ -146,8 +210,9 @@ class WandbSink:
     def __init__(self, run_dir: Path, cfg: LoggingConfig) -> None:
         import wandb
 
-        self.run = wandb.init(project=cfg.wandb_project, name=cfg.name, dir=str(run_dir), mode=cfg.wandb_mode,
-                              config=recipe_params(run_dir), reinit="create_new",
+        mode = cfg.wandb_mode or os.environ.get("WANDB_MODE") or "offline"  # the recipe, else W&B's own variable
+        self.run = wandb.init(project=cfg.wandb_project, name=cfg.name, dir=str(run_dir), mode=mode,
+                              config=recipe_values(run_dir), reinit="create_new",
                               settings=wandb.Settings(console="off", silent=True))
 
     def log(self, step: int, record: dict[str, Any]) -> None:
@@ -204,7 +269,8 @@ def _need(module: str, key: str) -> None:
 
 
 def make_sinks(run_dir: Path, cfg: LoggingConfig, total_steps: int, start_step: int) -> list[Sink]:
-    """The console, metrics.jsonl (unless `logging.jsonl` is false) and each tracker the recipe turns on."""
+    """The console, metrics.jsonl (unless `logging.jsonl` is false) and each tracker the recipe turns on, each
+    tracker on its own thread (`ThreadedSink`; built here, so a bad setting fails the run at its start)."""
     sinks: list[Sink] = [ConsoleSink(total_steps, start_step, cfg.progress)]
     if cfg.jsonl:
         sinks.append(JsonlSink(run_dir))
@@ -214,7 +280,7 @@ def make_sinks(run_dir: Path, cfg: LoggingConfig, total_steps: int, start_step: 
     for on, module, key, make in trackers:
         if on:
             _need(module, key)
-            sinks.append(make())
+            sinks.append(ThreadedSink(make()))
     return sinks
 
 

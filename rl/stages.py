@@ -19,6 +19,7 @@ from rl.metrics import MetricsLogger
 from rl.schedule import Feeder, GroupFilter, SpanCollector
 from rl.core.staleness import StalenessBudget
 from rl.core.waits import await_
+from rl.reward_worker import death_cause
 from rollout.records import RolloutStats
 from rollout.router import RolloutRouter
 
@@ -27,14 +28,17 @@ log = logging.getLogger(__name__)
 
 class Stages:
     """Starts and stops the background stages of one run, and gathers their per-step metrics.
-    `requeue`: (group, missing sample numbers) to submit first (a resume's partial and lost groups)."""
+    `requeue`: (group, missing sample numbers) to submit first (a resume's partial and lost groups);
+    `reward_fn`: the recipe's reward.fn, named when a reward worker dies."""
 
     def __init__(self, feeder: Feeder, gfilter: GroupFilter | None, budget: StalenessBudget, router: RolloutRouter,
                  store: DataStore, rollouts: list[ray.actor.ActorHandle], rewarders: list[ray.actor.ActorHandle],
-                 metrics: MetricsLogger, timeout_s: float, requeue: list[tuple[int, list[int]]] | None = None) -> None:
+                 metrics: MetricsLogger, timeout_s: float, requeue: list[tuple[int, list[int]]] | None = None,
+                 reward_fn: str = "") -> None:
         self.feeder, self.gfilter, self.budget, self.router, self.store = feeder, gfilter, budget, router, store
         self.rollouts, self.rewarders, self.metrics, self.timeout = rollouts, rewarders, metrics, timeout_s
         self.requeue = list(requeue or [])
+        self.reward_fn = reward_fn  # named when a reward worker dies
         self.spans = SpanCollector(metrics, rollouts, rewarders, timeout_s)
         self.tasks: list[asyncio.Task] = []
         self.reward_refs: list[ray.ObjectRef] = []
@@ -52,11 +56,33 @@ class Stages:
         """The first background failure as (stage, error), or None: the loop ends the run with it."""
         if self.feeder.error is not None:
             return "rollout", self.feeder.error
+        dead = self._reward_error()
+        if dead is not None:
+            return dead
         if self.gfilter is not None and self.gfilter.error is not None:
             return "dynamic sampling", self.gfilter.error
         for t in self.tasks:
             if t.done() and not t.cancelled() and t.exception() is not None:
                 return "a background stage", t.exception()
+        return None
+
+    def _reward_error(self) -> tuple[str, BaseException] | None:
+        """A reward worker's run loop ends only when stopped: one that ended before is dead or failed (its
+        function could not be imported, it raised, or the process exited); its error names it."""
+        if not self.reward_refs:
+            return None
+        ended, _ = ray.wait(self.reward_refs, num_returns=len(self.reward_refs), timeout=0)
+        for ref in ended:
+            i = self.reward_refs.index(ref)
+            try:
+                ray.get(ref, timeout=0)
+                why = "its run loop returned before the run stopped it"
+                cause: BaseException | None = None
+            except Exception as err:  # RayActorError (the process died) or the loop's own exception
+                why, cause = death_cause(err), err
+            exc = RuntimeError(f"{why} (reward.fn={self.reward_fn}; its log is above)")
+            exc.__cause__ = cause
+            return f"the reward stage (reward worker {i})", exc
         return None
 
     async def step_metrics(self, m: dict[str, Any]) -> dict[str, Any]:

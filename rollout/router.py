@@ -16,7 +16,7 @@ from typing import Any
 
 import ray
 
-from rl.core.waits import await_
+from rl.core.waits import PeerDied, await_
 from rollout.records import GroupRequest
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,8 @@ class RolloutRouter:
             try:
                 res = await await_(self.workers[i].generate_group.remote(pending), self.timeout_s,
                                    f"group {req.group} ({len(pending.sample_ids())} samples)", f"rollout worker {i}")
-            except ray.exceptions.RayActorError as exc:  # the whole actor died: the store knows what finished
+            except (PeerDied, ray.exceptions.RayActorError) as exc:  # the actor died (await_ raises PeerDied):
+                # the request's samples go to another engine
                 res = {"done": [], "failed": pending.sample_ids(), "error": f"actor died: {exc}", "tokens": 0,
                        "actor_died": True}
             finally:

@@ -21,6 +21,7 @@ RECORDS = [
 
 def run_with(tmp_path: Path, *overrides: str) -> Path:
     """Three steps through MetricsLogger with the given logging keys; the run dir has its config.yaml."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     recipe = load_recipe(None, ["logging.progress=false", "logging.dashboard=false", "logging.name=sinktest",
                                 "trainer.lr=0.0005", *overrides])
     (tmp_path / "config.yaml").write_text(to_yaml(recipe))
@@ -81,6 +82,7 @@ def test_wandb_offline_sink_round_trip(tmp_path, monkeypatch):
     import json
 
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # the recipe leaves the mode empty: offline
     run_with(tmp_path, "logging.wandb=true", "logging.wandb_project=streamrl-test")
     files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1, f"one offline run file under {tmp_path / 'wandb'}, found {files}"
@@ -93,9 +95,19 @@ def test_wandb_offline_sink_round_trip(tmp_path, monkeypatch):
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     assert run.project == "streamrl-test" and run.display_name == "sinktest"
     config = {u.key: json.loads(u.value_json) for u in run.config.update}
-    assert config["trainer.lr"] == "0.0005"
+    assert config["trainer.lr"] == 0.0005 and config["trainer.total_steps"] == 300  # values keep their types
+    assert config["logging.wandb"] is True and config["model.path"] is None
     exit_record = next(r.exit for r in records if r.WhichOneof("record_type") == "exit")
     assert exit_record.exit_code == 0
+
+
+def test_wandb_mode_comes_from_the_recipe_else_from_wandb_mode(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # W&B's own variable: no run files at all
+    run_with(tmp_path / "env", "logging.wandb=true")
+    assert not list((tmp_path / "env").glob("wandb/*run-*"))
+    run_with(tmp_path / "recipe", "logging.wandb=true", "logging.wandb_mode=offline")  # the recipe's key wins
+    assert len(list((tmp_path / "recipe").glob("wandb/offline-run-*/run-*.wandb"))) == 1
 
 
 def test_mlflow_file_store_sink_round_trip(tmp_path, monkeypatch):
@@ -123,6 +135,41 @@ def test_a_failing_tracker_is_dropped_and_the_run_goes_on(tmp_path, monkeypatch)
     run_with(tmp_path, "logging.tensorboard=true")
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == len(RECORDS)
+
+
+def test_a_stalled_tracker_never_holds_the_run(tmp_path, monkeypatch, caplog):
+    """A tracker whose log() never returns (a hung network call): logging returns at once, the run's end
+    waits at most the close timeout, the stall is reported once, and metrics.jsonl has every step."""
+    import threading
+    import time
+
+    from rl import sinks
+
+    stalled, release = threading.Event(), threading.Event()
+
+    def hang(self, step, record):
+        stalled.set()
+        release.wait()  # "forever": until the test ends
+
+    monkeypatch.setattr(sinks.TensorBoardSink, "log", hang)
+    monkeypatch.setattr(sinks, "TRACKER_QUEUE", 2)
+    monkeypatch.setattr(sinks, "TRACKER_CLOSE_TIMEOUT_S", 1.0)
+    recipe = load_recipe(None, ["logging.progress=false", "logging.dashboard=false", "logging.tensorboard=true"])
+    ml = MetricsLogger(tmp_path, recipe.logging, total_steps=20)
+    t0 = time.monotonic()
+    try:
+        for step in range(20):
+            ml.log(step, {"reward/mean": step / 20})
+        logged = time.monotonic() - t0
+        ml.close()
+    finally:
+        release.set()
+    assert stalled.is_set() and logged < 1.0, logged  # the tracker got a record and hung; logging did not wait
+    assert time.monotonic() - t0 < 5.0  # the close gave up after its timeout
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 20
+    warnings = [r.getMessage() for r in caplog.records if "tensorboard" in r.getMessage()]
+    assert len([w for w in warnings if "records behind" in w]) == 1, warnings  # reported once, not per step
+    assert any("did not flush and finish within 1 s" in w for w in warnings), warnings
 
 
 def test_a_missing_tracker_package_is_named_with_its_install(tmp_path, monkeypatch):

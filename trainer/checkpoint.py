@@ -4,20 +4,28 @@ A checkpoint is a directory `<run_dir>/checkpoints/step_<N>` (N = policy version
 - DCP shards of the policy (float32 master weights), AdamW state, LR scheduler, the version, and the
   critic and its optimizer when there is one. DCP stores every tensor with its global shape, so a run
   resumes on any number of trainer ranks (the load reshards).
-- `rng/rank_<r>.pt`: each rank's RNG states (torch, CUDA, Python, NumPy). Restored when the rank exists in
-  the resumed run; a run resumed on a different number of ranks starts those ranks' streams afresh.
+- `rng/rank_<r>.pt`: each rank's RNG states (torch, CUDA, Python, NumPy) as tensors, numbers and lists only.
+  Restored when the rank exists in the resumed run; a run resumed on a different number of ranks starts
+  those ranks' streams afresh.
 - `.metadata`, written by DCP last, once every rank's shards are on disk: a directory without it is an
   interrupted save and `latest_checkpoint` skips it.
 
 Saving is asynchronous (`dcp.async_save`): the state is copied to host memory before the call returns,
 then written by a background thread while training goes on. The writes' own collectives run on a
 separate gloo group so they never interleave with the training collectives.
+
+Nothing in a checkpoint runs on load: a run directory may come from anyone. The RNG files load with
+`torch.load(weights_only=True)`, DCP's `.metadata` (a pickle) with an unpickler that builds only DCP's own
+metadata types, and DCP's non-tensor items (scheduler state, version) are checked by the weights-only
+unpickler before DCP reads them. Anything else is refused (`UnsafeCheckpoint`, naming the file).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import pickle
 import random
 import re
 import shutil
@@ -77,9 +85,13 @@ def _state(trainer: Any) -> dict[str, Any]:
 
 
 def _rng_state() -> dict[str, Any]:
+    """Every RNG state as tensors, numbers, strings and lists: what `torch.load(weights_only=True)` reads."""
     import numpy as np
 
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    version, internal, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss_next],
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -89,10 +101,101 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     import numpy as np
 
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---------------------------------------------------------------- loading without running code
+
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint file holds something other than saved state (a pickle that would build or call code)."""
+
+
+def _refuse(path: Any, exc: BaseException) -> UnsafeCheckpoint:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]  # torch's message is a page: keep its cause
+    why = next((ln for ln in lines if "GLOBAL" in ln), lines[0] if lines else type(exc).__name__)
+    return UnsafeCheckpoint(f"{path} holds more than saved state, so it was not loaded ({why}). streamrl writes "
+                            "only tensors, numbers and lists there: the file was altered or not written by "
+                            "streamrl; resume from a checkpoint you trust (delete this one)")
+
+
+def _load_tensors(path: Path) -> Any:
+    """`torch.load` of a file streamrl wrote, refusing any pickle that would import or call code."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise _refuse(path, exc) from None
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Reads DCP's `.metadata` pickle, building only DCP's metadata dataclasses and enums, torch sizes,
+    dtypes and layouts, and paths; any other global (os.system, eval, ...) is refused."""
+
+    MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+    NAMES = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+             ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.NAMES:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module in self.MODULES:
+            found = super().find_class(module, name)
+            if isinstance(found, type) and found.__module__ == module:  # a class of DCP's own, not an import
+                return found
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
+
+
+def _dcp_reader(path: Path) -> Any:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            rank = kwargs.get("rank")
+            meta_file = path / (".metadata" if rank is None else f"__{rank}.metadata")
+            try:
+                with open(meta_file, "rb") as f:
+                    metadata = _MetadataUnpickler(f).load()
+            except pickle.UnpicklingError as exc:
+                raise _refuse(meta_file, exc) from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(path))
+
+
+def _dcp_planner(path: Path) -> Any:
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            # DCP unpickles non-tensor items with weights_only=False: the weights-only unpickler reads the
+            # same bytes first, so DCP's own load below meets only globals it allowed
+            try:
+                torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as exc:
+                raise _refuse(f"{path} (item {read_item.dest_index.fqn})", exc) from None
+            value.seek(0)
+            super().load_bytes(read_item, value)
+
+    return SafePlanner()
+
+
+def verify(path: str | Path) -> None:
+    """Check a checkpoint's pickled files before anything starts (`streamrl resume`): DCP's metadata and
+    every rank's RNG state. Raises `UnsafeCheckpoint` naming the file; loads no state."""
+    path = Path(path)
+    _dcp_reader(path).read_metadata()
+    for rng in sorted((path / "rng").glob("rank_*.pt")):
+        _load_tensors(rng)
 
 
 def save(trainer: Any, path: str | Path, group: Any, use_async: bool = True) -> Optional[Future]:
@@ -120,8 +223,9 @@ def load(trainer: Any, path: str | Path, group: Any) -> int:
     path = Path(path)
     if not (path / ".metadata").exists():
         raise FileNotFoundError(f"{path} is not a complete distributed checkpoint (no .metadata)")
+    verify(path)  # a clear refusal before DCP, which would wrap it in its own error
     state = _state(trainer)
-    dcp.load(state, checkpoint_id=str(path), process_group=group)
+    dcp.load(state, storage_reader=_dcp_reader(path), planner=_dcp_planner(path), process_group=group)
     set_state_dict(trainer.model, trainer.optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
     trainer.sched.load_state_dict(state["sched"])
     if trainer.critic is not None:
@@ -131,7 +235,7 @@ def load(trainer: Any, path: str | Path, group: Any) -> int:
     trainer.version = int(state["meta"]["version"])
     rng = path / "rng" / f"rank_{dist.get_rank()}.pt"
     if rng.exists():
-        _set_rng_state(torch.load(rng, weights_only=False))
+        _set_rng_state(_load_tensors(rng))
     else:
         log.info("checkpoint %s has no RNG state for rank %d (saved with fewer ranks): fresh streams", path,
                  dist.get_rank())

@@ -220,6 +220,8 @@ class ResourcesConfig:
     #          rollout.gpu_memory_utilization and trainer.gpu_memory_fraction (any eta: async on one GPU)
     ray_address: Optional[str] = None  # empty starts a local Ray; "auto" joins a running cluster
     num_cpus: Optional[int] = None  # logical CPUs for a local Ray (default: enough for every actor)
+    ray_host: str = "127.0.0.1"  # where a Ray that streamrl starts listens (its ports and dashboard): loopback
+    #   keeps it to this machine; this machine's IP (or 0.0.0.0: Ray's own default) lets other nodes join
     wait_timeout_s: float = 300.0  # every blocking wait (actor calls, store gets, syncs) gives up after this
     stall_warn_s: float = 60.0  # a step that makes no progress this long: log which actor is stuck and where (0: off)
 
@@ -241,14 +243,15 @@ class LoggingConfig:
     tensorboard: bool = False  # scalars to TensorBoard event files in <run_dir>/tensorboard
     wandb: bool = False  # scalars and the recipe to Weights & Biases (files in <run_dir>/wandb)
     wandb_project: str = "streamrl"
-    wandb_mode: str = "offline"  # offline (no network; `wandb sync` uploads later) | online
+    wandb_mode: str = ""  # offline (no network; `wandb sync` uploads later) | online; empty: WANDB_MODE, else offline
     mlflow: bool = False  # scalars and the recipe as params to MLflow
     mlflow_tracking_uri: str = ""  # empty: a local file store in <run_dir>/mlruns
     mlflow_experiment: str = "streamrl"
 
     def __post_init__(self) -> None:
-        if self.wandb_mode not in ("offline", "online"):
-            raise RecipeError(f"Recipe key 'logging.wandb_mode' = {self.wandb_mode!r}; valid values: offline, online")
+        if self.wandb_mode not in ("", "offline", "online"):
+            raise RecipeError(f"Recipe key 'logging.wandb_mode' = {self.wandb_mode!r}; valid values: offline, online, "
+                              "or empty (the WANDB_MODE environment variable, else offline)")
         if not 0 <= self.dashboard_port <= 65535:
             raise RecipeError(f"Recipe key 'logging.dashboard_port' must be in [0, 65535]; got {self.dashboard_port}")
 

@@ -74,5 +74,9 @@ def _plain(resources: dict[str, float]) -> dict[str, float]:
 
 def _as_awaitable(aw: Any) -> Any:
     if isinstance(aw, list):
-        return asyncio.gather(*aw)
+        both = asyncio.gather(*aw)
+        # a cancelled wait_for leaves a cancelled gather holding CancelledError as its exception, unread: asyncio
+        # would log it with a traceback when a run is stopped (Ctrl-C); read it here
+        both.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return both
     return aw

@@ -17,7 +17,7 @@ import ray
 
 from datastore.client import DataStore
 from rl.core.config import RewardConfig
-from rl.core.scoring import RewardTally, Sample, make_reward_caller
+from rl.core.scoring import RewardStats, RewardTally, Sample, make_reward_caller
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,10 @@ class RewardWorker:
     async def stop(self) -> None:
         self.stopping = True
 
-    async def stats(self) -> dict[str, Any]:
-        return {"rank": self.rank, "busy_s": self.busy_s, **self.tally.stats()}
+    async def stats(self) -> RewardStats:
+        out = self.tally.stats()
+        out.busy_s, out.abandoned = self.busy_s, self.caller.abandoned
+        return out
 
 
 def death_cause(exc: BaseException) -> str:

@@ -100,12 +100,13 @@ class Stages:
             for st in s.loop_stalls[:1]:
                 log.warning("rollout worker %d: its event loop was held for %.2f s; the loop thread was at:\n%s",
                             s.rank, st["lag_s"], st["stack"])
-        scored, errors = sum(s["scored"] for s in rewards), sum(s["errors"] for s in rewards)
+        scored, errors = sum(s.scored for s in rewards), sum(s.errors for s in rewards)
         out: dict[str, Any] = {
             "throughput/samples_per_s": m.get("samples", 0) / dt,
             "throughput/gen_tokens_per_s": (tokens - self.last["tokens"]) / dt,
             "throughput/rewarded_per_s": (scored - self.last["scored"]) / dt,
             "reward/errors": errors - self.last["errors"],
+            "reward/abandoned_calls": sum(s.abandoned for s in rewards),  # so far: calls given up at their timeout
             "rollout/gc_pause_s": gc_s - self.last["gc"],  # the busiest engine's collector pauses since the last step
             "rollout/loop_lag_max_s": max(s.loop_lag_max_s for s in rollout),
             "rollout/groups_running": self.budget.running, "rollout/groups_started": self.feeder.next_group,
@@ -113,7 +114,7 @@ class Stages:
         }
         extras: dict[str, list[float]] = {}
         for s in rewards:
-            for k, (total, count) in s["extras"].items():
+            for k, (total, count) in s.extras.items():
                 acc = extras.setdefault(k, [0.0, 0.0])
                 acc[0] += total
                 acc[1] += count

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from rl.core.scoring import RewardStats
+
 
 @dataclass
 class GroupRequest:
@@ -23,6 +25,21 @@ class GroupRequest:
 
     def sample_ids(self) -> list[int]:
         return list(range(self.n)) if self.samples is None else list(self.samples)
+
+
+@dataclass
+class GroupResult:
+    """What became of a group request (`RolloutWorker.generate_group`, `RolloutRouter.run_group`): sample
+    numbers stored (`done`) and not (`failed`, with the engine's `error`), the tokens generated. The router
+    re-queues `failed` samples elsewhere and sums the attempts."""
+
+    group: int
+    done: list[int]
+    failed: list[int] = field(default_factory=list)
+    error: str = ""
+    tokens: int = 0
+    actor_died: bool = False  # the worker's process is gone (not restarted in place; its samples move)
+    attempts: int = 1
 
 
 @dataclass
@@ -56,4 +73,4 @@ class RolloutStats:
     gc_full: int
     loop_lag_max_s: float  # the longest the actor's event loop was held since the last stats call
     loop_stalls: list[dict[str, Any]] = field(default_factory=list)  # {"lag_s", "at", "stack"} of those holds
-    reward: dict[str, Any] = field(default_factory=dict)  # reward.inline: RewardTally.stats()
+    reward: RewardStats = field(default_factory=RewardStats)  # reward.inline: what this worker scored

@@ -17,7 +17,7 @@ from typing import Any
 import ray
 
 from rl.core.waits import PeerDied, await_
-from rollout.records import GroupRequest
+from rollout.records import GroupRequest, GroupResult
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class RolloutRouter:
             raise NoHealthyEngine(f"no healthy rollout engine: failures so far {self.failures[-3:]}")
         return min(ok, key=lambda i: (self.outstanding[i], self.routed[i]))
 
-    async def run_group(self, req: GroupRequest) -> dict[str, Any]:
+    async def run_group(self, req: GroupRequest) -> GroupResult:
         """Generate the group somewhere; re-queue unfinished samples after an engine failure."""
         pending, done, tokens = req, [], 0
         for attempt in range(self.max_retries + 1):
@@ -59,16 +59,16 @@ class RolloutRouter:
                                    f"group {req.group} ({len(pending.sample_ids())} samples)", f"rollout worker {i}")
             except (PeerDied, ray.exceptions.RayActorError) as exc:  # the actor died (await_ raises PeerDied):
                 # the request's samples go to another engine
-                res = {"done": [], "failed": pending.sample_ids(), "error": f"actor died: {exc}", "tokens": 0,
-                       "actor_died": True}
+                res = GroupResult(req.group, done=[], failed=pending.sample_ids(), error=f"actor died: {exc}",
+                                  actor_died=True)
             finally:
                 self.outstanding[i] -= cost
-            done += res["done"]
-            tokens += res["tokens"]
-            if not res["failed"]:
-                return {"group": req.group, "done": sorted(done), "tokens": tokens, "attempts": attempt + 1}
+            done += res.done
+            tokens += res.tokens
+            if not res.failed:
+                return GroupResult(req.group, done=sorted(done), tokens=tokens, attempts=attempt + 1)
             self._on_failure(i, req.group, res)
-            pending = replace(req, samples=res["failed"])
+            pending = replace(req, samples=res.failed)
         raise NoHealthyEngine(f"group {req.group}: samples {pending.samples} still failing after "
                               f"{self.max_retries} re-queues; last error: {self.failures[-1]['error']}")
 
@@ -84,13 +84,12 @@ class RolloutRouter:
                 raise NoHealthyEngine(f"no rollout engine came back within {self.timeout_s:.0f} s")
         return self.pick()
 
-    def _on_failure(self, i: int, group: int, res: dict[str, Any]) -> None:
-        self.failures.append({"engine": i, "group": group, "error": res["error"], "samples": res["failed"]})
-        log.error("rollout engine %d failed on group %d (%s); re-queueing samples %s", i, group, res["error"],
-                  res["failed"])
+    def _on_failure(self, i: int, group: int, res: GroupResult) -> None:
+        self.failures.append({"engine": i, "group": group, "error": res.error, "samples": res.failed})
+        log.error("rollout engine %d failed on group %d (%s); re-queueing samples %s", i, group, res.error, res.failed)
         if self.healthy[i]:
             self.healthy[i] = False
-            if not res.get("actor_died"):
+            if not res.actor_died:
                 self.restarts[i] = asyncio.create_task(self._restart(i))
 
     async def _restart(self, i: int) -> None:

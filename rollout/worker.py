@@ -31,9 +31,9 @@ from datastore.client import DataStore
 from rl.core.config import RewardConfig, RolloutConfig
 from rl.core.heap import GcClock, LoopWatch, settle
 from rl.core.plugins import load_function
-from rl.core.scoring import WRITE_FIELDS, RewardTally, Sample, make_reward_caller
+from rl.core.scoring import WRITE_FIELDS, RewardStats, RewardTally, Sample, make_reward_caller
 from rollout.agent import TurnOutput, run_episode
-from rollout.records import GroupRequest, RolloutStats, UpdateReport
+from rollout.records import GroupRequest, GroupResult, RolloutStats, UpdateReport
 from rl.core.transport import ChannelSpec, WeightHandle
 from rl.core.waits import await_
 
@@ -259,14 +259,14 @@ class RolloutWorker:
             for _, _, done in batch:
                 done.set_result(None)
 
-    async def generate_group(self, req: GroupRequest) -> dict[str, Any]:
+    async def generate_group(self, req: GroupRequest) -> GroupResult:
         """Sample the group (or the listed samples of it); each sample goes to the store when it finishes.
 
-        Returns a summary with the samples `done` and, if the engine failed, the samples `failed` and the
-        `error`; the caller re-queues failed samples elsewhere (nothing lost, nothing duplicated)."""
+        Returns the samples `done` and, if the engine failed, the samples `failed` and the `error`; the
+        caller re-queues failed samples elsewhere (nothing lost, nothing duplicated)."""
         if not self.healthy:
-            return {"group": req.group, "done": [], "failed": req.sample_ids(), "tokens": 0,
-                    "error": f"rollout worker {self.rank}'s engine is down: {self.last_error}"}
+            return GroupResult(req.group, done=[], failed=req.sample_ids(),
+                               error=f"rollout worker {self.rank}'s engine is down: {self.last_error}")
         ids = req.sample_ids()
         if self.inflight == 0:
             self.busy_since = time.time()  # the engine goes from idle to generating
@@ -290,8 +290,8 @@ class RolloutWorker:
                           self.rank, error, len(failed), req.group)
             elif not isinstance(exc, asyncio.CancelledError):
                 raise exc
-        return {"group": req.group, "done": done, "failed": failed, "error": error,
-                "tokens": sum(len(r["response_ids"]) for r in results if isinstance(r, dict))}
+        return GroupResult(req.group, done=done, failed=failed, error=error,
+                           tokens=sum(len(r["response_ids"]) for r in results if isinstance(r, dict)))
 
     async def restart_engine(self) -> dict[str, Any]:
         """Replace a dead engine with a fresh one (at the model directory's weights: the controller's
@@ -423,7 +423,12 @@ class RolloutWorker:
         return RolloutStats(rank=self.rank, version=self.version, inflight=self.inflight, tokens_out=self.tokens_out,
                             samples_out=self.samples_out, cached_tokens=self.cached_tokens, resubmitted=self.resubmitted,
                             gc_seconds=self.gc.seconds, gc_full=self.gc.full, loop_lag_max_s=loop["lag_max_s"],
-                            loop_stalls=loop["stalls"], reward=self.tally.stats())
+                            loop_stalls=loop["stalls"], reward=self._reward_stats())
+
+    def _reward_stats(self) -> RewardStats:
+        out = self.tally.stats()
+        out.abandoned = self.reward.abandoned if self.reward is not None else 0
+        return out
 
     async def shutdown(self) -> None:
         if self.engine is not None:

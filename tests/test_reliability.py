@@ -219,7 +219,9 @@ def engines(ray_session):
         def generate_group(self, req):
             if self.dies:
                 os._exit(1)
-            return {"done": req.sample_ids(), "failed": [], "tokens": 3 * len(req.sample_ids())}
+            from rollout.records import GroupResult
+
+            return GroupResult(req.group, done=req.sample_ids(), tokens=3 * len(req.sample_ids()))
 
     workers = [Engine.remote(True), Engine.remote(False)]
     yield workers
@@ -231,12 +233,12 @@ def test_the_router_requeues_a_dead_engines_samples_on_the_survivor(engines):
     import asyncio
 
     from rollout.router import RolloutRouter
-    from rollout.worker import GroupRequest
+    from rollout.records import GroupRequest, GroupResult
 
     router = RolloutRouter(engines, max_tokens=8, timeout_s=60)
     req = GroupRequest(group=5, prompt="1+1=", prompt_ids=[1, 2, 3], row="{}", n=4)
     res = asyncio.run(router.run_group(req))
-    assert res == {"group": 5, "done": [0, 1, 2, 3], "tokens": 12, "attempts": 2}
+    assert res == GroupResult(5, done=[0, 1, 2, 3], tokens=12, attempts=2)
     assert router.routed == [1, 1] and router.healthy == [False, True]
     (failure,) = router.failures
     assert failure["engine"] == 0 and failure["samples"] == [0, 1, 2, 3] and "rollout worker 0 died" in failure["error"]

@@ -256,3 +256,74 @@ def test_reward_model_scorer(tmp_path, tiny_model):
 def test_reward_model_without_path_is_a_clear_error():
     with pytest.raises(RewardLoadError, match="reward.model_path is empty"):
         make_reward_caller(RewardConfig(fn="rl.rewards:RewardModel"))
+
+
+# ------------------------------------------------------------------ hung calls: abandoned, never a lost worker
+HANGING = """
+import os, time
+
+def score(sample):
+    if sample.index < {hang}:
+        time.sleep(3600)
+    if sample.index == 99:
+        raise ValueError("bad sample")
+    if sample.index == 98:
+        os._exit(3)
+    return {{"score": 1.0, "pid": float(os.getpid())}}
+"""
+
+
+def test_process_isolation_kills_hung_calls_and_keeps_scoring(tmp_path):
+    """reward.isolation=process: 3 hung calls time out, their processes are killed and replaced (2 live
+    processes at the end, none left hanging), later samples score; a raise and an exit are one-line errors."""
+    (tmp_path / "hang.py").write_text(HANGING.format(hang=3))
+    cfg = RewardConfig(fn=f"{tmp_path / 'hang.py'}:score", timeout_s=1.0, isolation="process", processes=2)
+    caller = make_reward_caller(cfg)
+
+    async def main():
+        hung = await caller.score_many([Sample("p", "r", index=i) for i in range(3)])
+        fine = await caller.score_many([Sample("p", "r", index=i) for i in range(10, 16)])
+        bad = await caller.score_many([Sample("p", "r", index=99), Sample("p", "r", index=98)])
+        after = await caller.score(Sample("p", "r", index=20))
+        return hung, fine, bad, after
+
+    t0 = time.monotonic()
+    hung, fine, bad, after = asyncio.run(main())
+    procs = caller.procs
+    try:
+        assert all(r.score == cfg.error_score and "timed out after 1.0 s" in r.error for r in hung)
+        assert all(r.score == 1.0 and not r.error for r in fine) and after.score == 1.0
+        assert bad[0].error == "raised ValueError: bad sample" and "process ended during the call" in bad[1].error
+        assert caller.abandoned == 3 and time.monotonic() - t0 < 60
+        live = list(procs.idle._queue)
+        assert len(live) == 2 and all(p.proc.is_alive() for p in live)
+        assert int(after.extras["pid"]) in {p.proc.pid for p in live}  # a replacement scored it
+    finally:
+        procs.close()
+
+
+def test_thread_isolation_counts_abandoned_calls_and_replaces_a_hung_pool(tmp_path):
+    """reward.isolation=thread: every thread holding a hung call no longer stops scoring (a fresh pool);
+    the abandoned calls are counted."""
+    import threading
+
+    release = threading.Event()
+
+    def score(sample):
+        if sample.index < 2:
+            release.wait(60)  # hangs until the test ends (a pool thread cannot be killed)
+        return 1.0
+
+    caller = RewardCaller(score, timeout_s=0.5, error_score=0.0, max_threads=2)
+
+    async def main():
+        hung = await caller.score_many([Sample("p", "r", index=i) for i in range(2)])
+        fine = await caller.score_many([Sample("p", "r", index=i) for i in range(10, 14)])
+        return hung, fine
+
+    try:
+        hung, fine = asyncio.run(main())
+    finally:
+        release.set()
+    assert all("timed out" in r.error for r in hung) and caller.abandoned == 2
+    assert all(r.score == 1.0 and not r.error for r in fine)  # before the fresh pool these timed out too

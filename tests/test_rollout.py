@@ -71,7 +71,7 @@ def test_interrupted_update_keeps_tokens_and_records_versions(engines):
     upd = ray.get(ws[0].update_weights.remote(handle), timeout=60)
     res = ray.get(refs, timeout=120)
     sender.close()
-    assert all(not r["failed"] for r in res)
+    assert all(not r.failed for r in res)
     rows = fields(store, 256, "interrupt-check")
     assert len(rows) == 256
     switched = 0
@@ -94,7 +94,7 @@ def test_router_spreads_load_over_engines(engines):
         return await asyncio.gather(*[router.run_group(r) for r in requests(tok, 12, 2, start=100)])
 
     res = asyncio.run(go())
-    assert all(len(r["done"]) == 2 for r in res)
+    assert all(len(r.done) == 2 for r in res)
     assert sorted(router.routed) == [6, 6], router.routed  # equal groups, equal cost: an even split
     assert router.outstanding == [0, 0]
     rows = store.get("route", "p", ["worker", "group"], 10_000, min_n=1, timeout=60).to_pylist()
@@ -107,7 +107,7 @@ def test_multi_turn_tool_tokens_are_masked(engines):
     store, ws, path = engines
     tok = load_tokenizer(path)
     res = ray.get(ws[1].generate_group.remote(requests(tok, 1, 2, start=200, prompt="calc: ")[0]), timeout=120)
-    assert res["done"] == [0, 1]
+    assert res.done == [0, 1]
     rows = [r for r in store.get("agent", "p", ["response_ids", "loss_mask", "logprobs", "turns", "response", "group"],
                                  10_000, min_n=1, timeout=60).to_pylist() if r["group"] == 200]
     assert len(rows) == 2
@@ -142,7 +142,7 @@ def test_drain_update_lets_in_flight_requests_finish_on_the_old_weights(engines)
     finally:
         sender.close()
         ray.get(ws[1].__ray_call__.remote(lambda w: setattr(w.cfg, "update_mode", "interrupt")), timeout=30)
-    assert after["done"] == [0, 1]
+    assert after.done == [0, 1]
     rows = [r for r in store.get("drain-check", "p", ["group", "token_versions", "version"], 10_000, min_n=1,
                                  timeout=60).to_pylist() if 400 <= r["group"] <= 432]
     assert len(rows) == 130
@@ -198,7 +198,7 @@ def check_update_modes(store, w, path: str, consumer: str, settle_s: float = 0.1
         sender.close()
     assert hits_interrupt > 0, "interrupt mode keeps the prefix cache across an update"
     assert hits_recompute == 0 and hits_drain == 0, (hits_recompute, hits_drain)
-    assert all(sorted(r["done"]) == [0, 1, 2, 3] for r in res)
+    assert all(sorted(r.done) == [0, 1, 2, 3] for r in res)
     rows = [r for r in store.get(consumer, "p", ["group", "response_ids", "logprobs", "token_versions"], 10_000,
                                  min_n=1, timeout=60).to_pylist() if 510 <= r["group"] < 526]
     assert len(rows) == 64
@@ -244,7 +244,7 @@ def test_killed_engine_requests_finish_elsewhere(engines):
         return await asyncio.gather(*tasks)
 
     res = asyncio.run(go())
-    assert all(sorted(r["done"]) == [0, 1, 2, 3] for r in res)
+    assert all(sorted(r.done) == [0, 1, 2, 3] for r in res)
     assert router.failures and router.failures[0]["engine"] == 0
     idx = store.get("fail", "p", ["group"], 10_000, min_n=1, timeout=60).to_pydict()
     mine = sorted(i for i, g in zip(idx["index"], idx["group"]) if 300 <= g < 332)

@@ -145,7 +145,7 @@ def _streamrl(args: argparse.Namespace, model: str, prompts: list[list[int]]) ->
             t0 = time.perf_counter()
             res = asyncio.run(go())
             dt = time.perf_counter() - t0
-            tokens = sum(r["tokens"] for r in res)
+            tokens = sum(r.tokens for r in res)
             best = max(best, tokens / dt)
             print(f"streamrl repeat {rep + 1}/{args.repeats}: {tokens / dt:,.0f} tokens/s", file=sys.stderr, flush=True)
         stored = store.stats()

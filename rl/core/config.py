@@ -185,6 +185,10 @@ class RewardConfig:
     #                       reward actors, no store round trip (for cheap functions; a slow or CPU-heavy one
     #                       belongs in reward workers, where it cannot slow generation)
     timeout_s: float = 10.0  # per call; a call past it is reported and scored error_score
+    isolation: str = "thread"  # where a synchronous function runs: thread (a pool of 8; a call past its timeout
+    #                            keeps its thread) | process (reward.processes processes; a call past its timeout
+    #                            has its process killed and replaced; the function must be importable there)
+    processes: int = 4  # isolation=process: worker processes per scorer (reward worker, or rollout worker inline)
     error_score: float = 0.0  # score given when the function raises, times out or returns garbage
     batched: bool = False  # the function takes a list of samples and returns a list of scores
     model_path: Optional[str] = None  # for rl.rewards:RewardModel: a sequence-classification model directory
@@ -282,6 +286,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "algorithm.kl_estimator": ("k1", "k2", "k3"),
     "algorithm.kl_reference": ("behaviour", "initial"),
     "reward.answer_mode": ("strict", "flexible"),
+    "reward.isolation": ("thread", "process"),
     "trainer.compute_dtype": ("auto", "float32", "bfloat16"),
     "trainer.reduce_dtype": ("float32", "bfloat16"),
     "trainer.lr_schedule": ("constant", "cosine"),
@@ -439,6 +444,7 @@ def validate(recipe: Recipe) -> None:
         "rollout.num_engines", "rollout.tensor_parallel_size", "rollout.group_size", "rollout.max_tokens",
         "trainer.world_size", "trainer.total_steps", "trainer.batch_groups", "reward.num_workers",
         "datastore.num_storage_units", "resources.wait_timeout_s", "reward.timeout_s", "rollout.cpu_threads",
+        "reward.processes",
     ]
     for key in positive:
         if not _get(recipe, key) > 0:

@@ -77,23 +77,55 @@ def _coerce(value: Any) -> Scored:
     return Scored(value, extras)
 
 
+class CallFailed(Exception):
+    """The function raised in a reward process; the message says what."""
+
+
 class RewardCaller:
-    """Calls the user's function safely: sync functions in a thread pool, async ones on the loop; with
-    `batched`, the function takes a list of samples and returns a list of scores."""
+    """Calls the user's function safely: async ones on the loop; sync ones in a thread pool, or with
+    `procs` (reward.isolation=process) in processes that a hung call's timeout kills and replaces; with
+    `batched`, the function takes a list of samples and returns a list of scores. `abandoned` counts calls
+    given up at their timeout: in a thread such a call keeps running (its thread is lost to the pool; when
+    every thread hangs the pool is replaced so scoring goes on), in a process it is killed."""
 
     def __init__(self, fn: Any, timeout_s: float, error_score: float, batched: bool = False,
-                 max_threads: int = 8) -> None:
+                 max_threads: int = 8, procs: Any = None) -> None:
         self.fn, self.timeout_s, self.error_score, self.batched = fn, timeout_s, error_score, batched
         target = fn if inspect.isfunction(fn) or inspect.ismethod(fn) else getattr(fn, "__call__", fn)
         self.is_async = inspect.iscoroutinefunction(target)
         self.name = getattr(fn, "__qualname__", type(fn).__name__)
+        self.max_threads, self.procs = max_threads, None if self.is_async else procs
         self.pool = concurrent.futures.ThreadPoolExecutor(max_threads, thread_name_prefix="reward")
+        self.hung: set[asyncio.Future] = set()  # thread calls past their timeout, still running
+        self.abandoned = 0
 
     async def _call(self, arg: Any) -> Any:
         if self.is_async:
             return await asyncio.wait_for(self.fn(arg), self.timeout_s)
-        loop = asyncio.get_running_loop()
-        return await asyncio.wait_for(loop.run_in_executor(self.pool, self.fn, arg), self.timeout_s)
+        if self.procs is not None:
+            try:
+                return await self.procs.call(arg, self.timeout_s)
+            except TimeoutError:
+                self.abandoned += 1  # its process was killed and replaced
+                raise asyncio.TimeoutError from None
+            except RuntimeError as exc:
+                raise CallFailed(str(exc)) from None
+        fut = asyncio.get_running_loop().run_in_executor(self.pool, self.fn, arg)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), self.timeout_s)
+        except asyncio.TimeoutError:
+            self._abandon(fut)
+            raise
+
+    def _abandon(self, fut: asyncio.Future) -> None:
+        self.abandoned += 1
+        self.hung = {f for f in self.hung if not f.done()} | {fut}
+        if len(self.hung) >= self.max_threads:  # every thread holds a hung call: later calls get fresh ones
+            log.warning("reward function %s: all %d threads hold calls that timed out and still run; starting a "
+                        "new pool (reward.isolation=process kills such calls instead)", self.name, self.max_threads)
+            self.pool.shutdown(wait=False)
+            self.pool = concurrent.futures.ThreadPoolExecutor(self.max_threads, thread_name_prefix="reward")
+            self.hung = set()
 
     async def score(self, sample: Sample) -> Scored:
         return (await self.score_many([sample]))[0]
@@ -120,6 +152,8 @@ class RewardCaller:
             result = _coerce(await self._call(sample))
         except asyncio.TimeoutError:
             result = Scored(math.nan, error=f"timed out after {self.timeout_s} s")
+        except CallFailed as exc:
+            result = Scored(math.nan, error=str(exc))
         except Exception as exc:  # the user's code: any exception is reported, never fatal
             result = Scored(math.nan, error=f"raised {type(exc).__name__}: {exc}")
         return self._report(sample, result)
@@ -136,12 +170,32 @@ def make_reward_caller(cfg: Any) -> RewardCaller:
     """The caller for `reward.fn`: a function, or a class instantiated once with the RewardConfig (for
     scorers that load something, like a reward model)."""
     obj = load_reward_fn(cfg.fn)
+    isolation = getattr(cfg, "isolation", "thread")
+    if isolation == "process":  # each process loads (and constructs) it; the caller here only calls
+        from rl.core.reward_procs import RewardProcesses
+
+        procs = RewardProcesses(cfg.fn, cfg, cfg.processes)
+        return RewardCaller(obj, cfg.timeout_s, cfg.error_score, batched=cfg.batched, procs=procs)
     if inspect.isclass(obj):
         try:
             obj = obj(cfg)
         except Exception as exc:
             raise PluginLoadError(f"reward.fn = {cfg.fn!r}: constructing {obj.__name__}(reward config) failed: {exc!r}") from exc
     return RewardCaller(obj, cfg.timeout_s, cfg.error_score, batched=cfg.batched)
+
+
+@dataclass
+class RewardStats:
+    """What a scorer's samples added up to since its start (a reward worker's `stats()`, or a rollout worker's
+    `RolloutStats.reward` with `reward.inline`); the controller differences them per step."""
+
+    scored: int = 0
+    errors: int = 0
+    score_sum: float = 0.0
+    extras: dict[str, list[float]] = field(default_factory=dict)  # name -> [sum, count]
+    recent_errors: list[dict[str, Any]] = field(default_factory=list)  # the last 20: index, prompt, response, error
+    busy_s: float = 0.0  # a reward worker's seconds spent scoring
+    abandoned: int = 0  # calls given up at their timeout (RewardCaller.abandoned)
 
 
 class RewardTally:
@@ -170,6 +224,6 @@ class RewardTally:
         return {"reward": [float(s.score) for s in results],
                 "reward_info": [json.dumps({"error": s.error, **s.extras}) if (s.error or s.extras) else "" for s in results]}
 
-    def stats(self) -> dict[str, Any]:
-        return {"scored": self.scored, "errors": self.errors, "score_sum": self.score_sum,
-                "extras": {k: list(v) for k, v in self.extras.items()}, "recent_errors": list(self.recent_errors)}
+    def stats(self) -> RewardStats:
+        return RewardStats(self.scored, self.errors, self.score_sum, {k: list(v) for k, v in self.extras.items()},
+                           list(self.recent_errors))

@@ -340,12 +340,15 @@ function renderStepTime() {  // lines, not stacks: the trainer's times (time/upd
 
 function renderErrors() {
   const traces = lines(["reward/errors"], {names: {"reward/errors": "errors"},
-                                           extra: multi() ? {} : {type: "bar", marker: {color: "#b3261e"}}});
+                                           extra: multi() ? {} : {type: "bar", marker: {color: "#b3261e"}}})
+    .concat(lines(["reward/abandoned_calls"], {names: {"reward/abandoned_calls": "calls abandoned at their timeout (so far)"}}));
   draw("chart-errors", traces, {yaxis: {title: {text: "samples"}, automargin: true, rangemode: "tozero"},
                                 margin: {l: 55, r: 55, t: 8, b: 30}, showlegend: multi(),
                                 emptyText: "no reward/errors in the metrics yet"});
   const run = focus(), total = series(run, "reward/errors").y.reduce((n, v) => n + v, 0);
-  $("errors-note").textContent = `${total} in the run` + (run.errorsTotal ? `, ${run.errorsTotal} in the rollout log` : "");
+  const abandoned = series(run, "reward/abandoned_calls").y, gaveUp = abandoned.length ? abandoned[abandoned.length - 1] : 0;
+  $("errors-note").textContent = `${total} in the run` + (run.errorsTotal ? `, ${run.errorsTotal} in the rollout log` : "")
+    + (gaveUp ? `; ${gaveUp} calls abandoned at their timeout` : "");
   const list = $("errors-list");
   list.replaceChildren(...run.errors.map((e) => {
     const li = document.createElement("li"), msg = document.createElement("span"), where = document.createElement("span");

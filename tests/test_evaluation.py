@@ -104,6 +104,17 @@ def test_eval_defaults_are_off_and_greedy_single_sample_is_valid():
     assert r.eval.every == 0 and r.eval.at_start and r.eval.at_end
 
 
+def test_preflight_checks_the_eval_prompts_and_reward_before_anything_starts(tmp_path):
+    from rl.preflight import PreflightError, preflight
+
+    assert any("eval: 64 held-out prompts every 10 steps" in line
+               for line in preflight(load_recipe(None, ["eval.every=10"])))
+    with pytest.raises(PreflightError) as e:
+        preflight(load_recipe(None, ["eval.every=10", "eval.prompts=300", f"eval.reward_fn={tmp_path}/none.py:score"]))
+    assert len(e.value.problems) == 2
+    assert "eval.reward_fn" in e.value.problems[0] and "eval.prompts = 300" in e.value.problems[1]
+
+
 # ---------------------------------------------------------------- summary and dashboard words
 def test_summary_reports_eval_first_last_and_gain():
     records = [{"step": s, "reward/mean": 0.1 * s} for s in range(10)]

@@ -159,7 +159,8 @@ def test_eval_rounds_run_beside_an_async_run_on_versions_the_engines_held(ray_se
 
         dumps = {p.name: pd.read_json(p, lines=True).to_dict("records") for p in sorted((run_dir / "eval").iterdir())}
     except ImportError:
-        dumps = {p.name: [json.loads(x) for x in p.read_text().splitlines()] for p in sorted((run_dir / "eval").iterdir())}
+        dumps = {p.name: [json.loads(x) for x in p.read_text().splitlines()]
+                 for p in sorted((run_dir / "eval").iterdir())}
     assert sorted(dumps) == ["step_000000.jsonl", "step_000003.jsonl", "step_000006.jsonl"]
     for name, r in zip(sorted(dumps), rounds):
         rows = dumps[name]
@@ -169,7 +170,8 @@ def test_eval_rounds_run_beside_an_async_run_on_versions_the_engines_held(ray_se
 
     eval_prompts = {x["prompt"] for rows in dumps.values() for x in rows}
     assert len(eval_prompts) == 8
-    logged = {row["index"]: row["prompt"] for row in read_rows(str(run_dir / "datastore"), "train", ["prompt"]).to_pylist()}
+    logged = {row["index"]: row["prompt"]
+              for row in read_rows(str(run_dir / "datastore"), "train", ["prompt"]).to_pylist()}
     assert len(logged) >= 6 * 4 * 4 and not eval_prompts & set(logged.values())  # never in the training partition
     trained = [i for line in (run_dir / "trained.jsonl").read_text().splitlines() for i in json.loads(line)["trained"]]
     assert len(trained) == 6 * 4 * 4 and not eval_prompts & {logged[i] for i in trained}  # nor trained on

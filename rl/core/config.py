@@ -587,7 +587,8 @@ def _validate_eval(recipe: Recipe) -> None:
         raise RecipeError(f"Recipe key 'eval.pass_k' = {list(e.pass_k)}: each k must be in [1, eval.samples_per_prompt "
                           f"= {e.samples_per_prompt}]; {bad} {'is' if len(bad) == 1 else 'are'} not")
     if e.reward_fn and ":" not in e.reward_fn:
-        raise RecipeError(f"Recipe key 'eval.reward_fn' = {e.reward_fn!r} must be 'module:function' or 'file.py:function'")
+        raise RecipeError(f"Recipe key 'eval.reward_fn' = {e.reward_fn!r} must be 'module:function' or "
+                          "'file.py:function'")
     if e.every and recipe.resources.placement == "timeshare":
         raise RecipeError("Recipe key 'eval.every' > 0 needs resources.placement separate or share: with timeshare "
                           "the engines sleep while the trainer steps, and an eval round would be cut by that sleep")

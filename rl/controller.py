@@ -221,7 +221,9 @@ class Controller:
         requeue = [] if self.resumed is None else self.resumed.restore_rollout(
             (self.store.recovered or {}).get(PARTITION, {}), self.store.held(PARTITION, "trainer"), self.feeder,
             self.budget)
-        self.colocation = Colocation(r.resources.placement == "timeshare", self.rollouts, self.budget, r.rollout.sleep_level, self.timeout)
+        self.colocation = Colocation(r.resources.placement == "timeshare", self.rollouts, self.budget,
+                                     r.rollout.sleep_level, self.timeout,
+                                     busy=evaluator.busy if evaluator is not None else lambda: False)
         gfilter = None
         if r.algorithm.dynamic_sampling:
             gfilter = GroupFilter(self.store, PARTITION, r.rollout.group_size, self.budget, self.feeder.wake.set,

@@ -6,9 +6,10 @@ and returned, never written to the store), so training does not stop for it. Eve
 versions its tokens ran on; a round that a weight update cut reports its lowest and highest version.
 
 Rounds run at version 0 (`at_start`), every `eval.every` versions, and on the final weights (`at_end`); a
-round still running when the next falls due makes that one skip (counted). The latest finished round's
-figures go into the next step record (`eval/*`, so every sink gets them), each round's samples to
-`<run_dir>/eval/step_<version>.jsonl`.
+round still running when the next falls due makes that one skip (counted). With placement timeshare the
+engines wait for a running round before they sleep for training (`Colocation`). A finished round's figures
+go into the next step record (`eval/*`, so every sink gets them; the last step's record holds the final
+round) and into `<run_dir>/eval/rounds.jsonl`, its samples into `<run_dir>/eval/step_<version>.jsonl`.
 
 Held out: with a synthetic training task the eval prompts are `eval.prompts` distinct problems drawn with
 `eval.seed`, which the training stream then never yields (`ArithmeticTask.hold_out`); a file source must
@@ -35,6 +36,7 @@ from rollout.router import RolloutRouter
 log = logging.getLogger(__name__)
 
 EVAL_DIR = "eval"
+ROUNDS = "rounds.jsonl"  # one line of figures per round, in <run_dir>/eval
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -124,7 +126,7 @@ class Evaluator:
             previous = self.running
             self.running = asyncio.create_task(self._final(previous, version))
         elif version % self.cfg.every == 0:
-            if self.running is not None and not self.running.done():
+            if self.busy():
                 self.skipped += 1
                 log.warning("eval round at version %d skipped: the round before it is still running (eval.every = "
                             "%d steps is shorter than a round)", version, self.cfg.every)
@@ -132,14 +134,24 @@ class Evaluator:
             self._launch(version)
 
     async def take(self) -> dict[str, float]:
-        """The latest round finished since the last call (after the final step: the final round, awaited)."""
-        if self.running is not None and self.version() == self.total_steps and self.cfg.at_end:
+        """The oldest finished round not yet taken; after the final step the final round, awaited (a round that
+        finished with it has its figures in eval/rounds.jsonl only: a step record holds one round)."""
+        final = self.version() == self.total_steps and self.cfg.at_end
+        if self.running is not None and final:
             await await_(asyncio.shield(self.running), 2 * self.cfg.timeout_s, f"the final eval round (version "
                          f"{self.total_steps}, {len(self.requests)} prompts)", "rollout workers")
-        out, self.finished = (self.finished[-1] if self.finished else {}), []
+        out = (self.finished[-1] if final else self.finished[0]) if self.finished else {}
+        for m in self.finished[:-1] if final else []:
+            log.info("eval round at version %d finished beside the final one: its figures are in %s only",
+                     m["eval/launched_version"], self.dir / ROUNDS)
+        self.finished = [] if final else self.finished[1:]
         if out or self.skipped or self.failed:
             out = {**out, "eval/skipped_rounds": self.skipped, "eval/failed_rounds": self.failed}
         return out
+
+    def busy(self) -> bool:
+        """A round is running (placement timeshare: the engines may not sleep until it ends)."""
+        return self.running is not None and not self.running.done()
 
     def stop(self) -> None:
         if self.running is not None:
@@ -168,7 +180,7 @@ class Evaluator:
         self.rounds += 1
         m.update({"eval/seconds": time.perf_counter() - t0, "eval/launched_version": launched,
                   "eval/round": self.rounds})
-        self._dump(launched, samples)
+        self._dump(launched, samples, m)
         self.finished.append(m)
         log.info("eval round %d (version %d..%d): reward %.3f in %.1f s", self.rounds, m["eval/version_min"],
                  m["eval/version_max"], m["eval/reward_mean"], m["eval/seconds"])
@@ -186,9 +198,12 @@ class Evaluator:
         finally:
             self.router.outstanding[i] -= cost
 
-    def _dump(self, launched: int, samples: list[dict[str, Any]]) -> None:
-        """The round's samples as JSON lines (pandas.read_json(path, lines=True) reads them)."""
+    def _dump(self, launched: int, samples: list[dict[str, Any]], figures: dict[str, float]) -> None:
+        """The round's samples as JSON lines (pandas.read_json(path, lines=True) reads them), and its figures
+        as a line of rounds.jsonl (every round, whichever step record it reached)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.dir / f"step_{launched:06d}.jsonl", "w") as f:
             for s in samples:
                 f.write(json.dumps({"round": self.rounds, "launched_version": launched, **s}) + "\n")
+        with open(self.dir / ROUNDS, "a") as f:
+            f.write(json.dumps({"time": time.time(), **figures}) + "\n")

@@ -262,8 +262,10 @@ class RolloutWorker:
             raise RuntimeError(f"rollout worker {self.rank}'s engine is down: {self.last_error}")
         if self.eval_reward is None or self.eval_reward_fn != reward.fn:
             self.eval_reward, self.eval_reward_fn = make_reward_caller(reward), reward.fn
+        start = time.time()
         episodes = await asyncio.gather(*[self._episode(req, j, max_tokens, temperature, "eval")
                                           for j in req.sample_ids()])
+        self.events.append({"kind": "eval", "start": start, "end": time.time()})  # the timeline's eval spans
         samples = [self._sample(req, j, row, fields) for j, (row, fields) in zip(req.sample_ids(), episodes)]
         scores = await self.eval_reward.score_many(samples)
         return [{"prompt_no": req.group, "sample": row["sample"], "prompt": row["prompt"], "response": row["response"],

@@ -589,9 +589,6 @@ def _validate_eval(recipe: Recipe) -> None:
     if e.reward_fn and ":" not in e.reward_fn:
         raise RecipeError(f"Recipe key 'eval.reward_fn' = {e.reward_fn!r} must be 'module:function' or "
                           "'file.py:function'")
-    if e.every and recipe.resources.placement == "timeshare":
-        raise RecipeError("Recipe key 'eval.every' > 0 needs resources.placement separate or share: with timeshare "
-                          "the engines sleep while the trainer steps, and an eval round would be cut by that sleep")
     if e.every and not e.source and not recipe.data.source.startswith("synthetic:"):
         raise RecipeError(f"Recipe key 'eval.source' is empty, which holds problems out of a synthetic training task, "
                           f"but data.source = {recipe.data.source!r} is a file: set eval.source to a prompt file of "

@@ -80,6 +80,10 @@ def _run(ctl) -> int:
     if summary:
         print(f"reward: first 10% of steps {summary['first10']:.3f} -> last 10% {summary['last10']:.3f} "
               f"(gain {summary['gain']:+.3f} over {summary['steps']} steps)")
+    if "eval" in summary:
+        e = summary["eval"]
+        print(f"held-out eval reward: {e['first']:.3f} at version {e['first_version']} -> {e['last']:.3f} at version "
+              f"{e['last_version']} (gain {e['gain']:+.3f}; samples in {ctl.run_dir / 'eval'})")
     return 0
 
 

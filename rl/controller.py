@@ -26,6 +26,7 @@ import ray
 from datastore.client import DataStore
 from rl.core.config import Recipe, RecipeError, load_recipe, resolve_run_dir, to_yaml
 from rl.data import PromptFormatter, PromptStream, synthetic_task
+from rl.evaluation import Evaluator
 from rl.core.heap import settle
 from rl.schedule import Colocation, Feeder, GroupFilter
 from rl.stages import Stages
@@ -217,7 +218,7 @@ class Controller:
                     with metrics.phase("wake"):
                         await self.colocation.after_sync()
                 self.version = step + 1
-                self.feeder.wake.set()
+                stages.on_version(self.version)
                 # the step ends here; its stage metrics (a round of actor calls) are gathered beside the next step
                 m.update(metrics.take_phases(), time=time.time())
                 deferred = (step, m, asyncio.ensure_future(stages.step_metrics(m)))
@@ -242,18 +243,22 @@ class Controller:
 
     def _stages(self, metrics: MetricsLogger) -> "Stages":
         r = self.recipe
+        evaluator = Evaluator.from_recipe(r, self.prompts, self.format_prompt, self.tokenizer, self.router,
+                                          self.run_dir, lambda: self.version)  # first: it holds prompts out of training
         self.feeder = Feeder(r, self.budget, self.prompts, self.format_prompt, self.tokenizer, self.router,
                              lambda: self.version)
         requeue = [] if self.resumed is None else self.resumed.restore_rollout(
             (self.store.recovered or {}).get(PARTITION, {}), self.store.held(PARTITION, "trainer"), self.feeder,
             self.budget)
-        self.colocation = Colocation(r.resources.placement == "timeshare", self.rollouts, self.budget, r.rollout.sleep_level, self.timeout)
+        self.colocation = Colocation(r.resources.placement == "timeshare", self.rollouts, self.budget,
+                                     r.rollout.sleep_level, self.timeout,
+                                     busy=evaluator.busy if evaluator is not None else lambda: False)
         gfilter = None
         if r.algorithm.dynamic_sampling:
             gfilter = GroupFilter(self.store, PARTITION, r.rollout.group_size, self.budget, self.feeder.wake.set,
                                   r.algorithm.dynamic_sampling_max_drops or 20 * r.trainer.batch_groups)
         return Stages(self.feeder, gfilter, self.budget, self.router, self.store, self.rollouts, self.rewarders,
-                      metrics, self.timeout, requeue, reward_fn=r.reward.fn)
+                      metrics, self.timeout, requeue, evaluator, reward_fn=r.reward.fn)
 
     def _record_trained(self, step: int, result: StepResult) -> None:
         """Which rows the step trained on and dropped (as too stale): the resume record, one line a step."""

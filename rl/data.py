@@ -20,6 +20,8 @@ class SyntheticTask(Protocol):
 
     def rows(self, n: int, seed: int) -> list[dict]: ...
 
+    def hold_out(self, n: int, seed: int) -> list[dict]: ...
+
     def describe(self) -> dict: ...
 
 
@@ -29,6 +31,7 @@ class ArithmeticTask:
 
     cfg: ArithmeticConfig
     name: str = "arithmetic"
+    held_out: frozenset[str] = frozenset()  # prompts `rows` never yields: the eval set (`hold_out`)
 
     def __post_init__(self) -> None:
         bad = set(self.cfg.ops) - set("+-*")
@@ -45,8 +48,36 @@ class ArithmeticTask:
         return {"prompt": f"{a}{op}{b}=", "answer": str(answer)}
 
     def rows(self, n: int, seed: int) -> list[dict]:
+        """n rows drawn with `seed`, skipping held-out problems (redrawn from the same generator, so the
+        stream stays reproducible; with nothing held out it is the plain draw)."""
         rng = random.Random(seed)
-        return [self.row(rng) for _ in range(n)]
+        out: list[dict] = []
+        while len(out) < n:
+            row = self.row(rng)
+            if row["prompt"] not in self.held_out:
+                out.append(row)
+        return out
+
+    def space(self) -> int:
+        """How many distinct problems the task has."""
+        width = self.cfg.max_value - self.cfg.min_value + 1
+        return len(set(self.cfg.ops)) * width * width
+
+    def hold_out(self, n: int, seed: int) -> list[dict]:
+        """n distinct problems drawn with `seed`, removed from every later `rows` draw: an eval set that
+        training never yields. At most half the problems may be held out."""
+        if n > self.space() // 2:
+            raise RecipeError(f"eval.prompts = {n} would hold out more than half of the {self.space()} problems of "
+                              f"data.arithmetic (ops {self.cfg.ops!r}, {self.cfg.min_value}..{self.cfg.max_value}); "
+                              f"lower eval.prompts or widen data.arithmetic.max_value")
+        rng, seen, out = random.Random(seed), set(), []
+        while len(out) < n:
+            row = self.row(rng)
+            if row["prompt"] not in seen:
+                seen.add(row["prompt"])
+                out.append(row)
+        self.held_out = frozenset(seen)
+        return out
 
     def describe(self) -> dict:
         return {"name": self.name, **asdict(self.cfg)}

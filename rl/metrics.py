@@ -212,11 +212,21 @@ def read_status(run_dir: Path) -> dict[str, Any]:
         return {}
 
 
-def learning_summary(records: list[dict[str, Any]], key: str = "reward/mean") -> dict[str, float]:
-    """Mean of `key` over the first and the last 10% of steps (at least one step each), and the gain."""
+def learning_summary(records: list[dict[str, Any]], key: str = "reward/mean") -> dict[str, Any]:
+    """Mean of `key` over the first and the last 10% of steps (at least one step each), and the gain; with
+    eval rounds (rl.evaluation) also `eval`: held-out reward and pass@k of the first and the last round."""
     vals = [r[key] for r in records if key in r]
     if not vals:
         return {}
     k = max(1, len(vals) // 10)
     first, last = sum(vals[:k]) / k, sum(vals[-k:]) / k
-    return {"steps": len(vals), "first10": first, "last10": last, "gain": last - first}
+    out: dict[str, Any] = {"steps": len(vals), "first10": first, "last10": last, "gain": last - first}
+    rounds = [r for r in records if "eval/reward_mean" in r]
+    if rounds:
+        a, b = rounds[0], rounds[-1]
+        out["eval"] = {"rounds": len(rounds), "first_version": a["eval/version"], "last_version": b["eval/version"],
+                       "first": a["eval/reward_mean"], "last": b["eval/reward_mean"],
+                       "gain": b["eval/reward_mean"] - a["eval/reward_mean"],
+                       **{f"{m[5:]}_{w}": r[m] for m in sorted(a) if m.startswith("eval/pass@") for w, r in
+                          (("first", a), ("last", b)) if m in r}}
+    return out

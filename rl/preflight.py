@@ -25,7 +25,7 @@ from typing import Callable
 from rl.core.config import Recipe, RecipeError
 
 #: recipe keys holding a user function as `module:function` or `path/to/file.py:function`
-PLUGIN_KEYS = ("reward.fn", "rollout.agent.fn")
+PLUGIN_KEYS = ("reward.fn", "rollout.agent.fn", "eval.reward_fn")
 #: tracker flag -> the module its sink imports
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 MAX_ROW_PROBLEMS = 3  # rows named per problem kind; the rest are counted
@@ -55,8 +55,8 @@ def preflight(recipe: Recipe, on_cluster: bool = False) -> list[str]:
 
 def _checks(on_cluster: bool) -> list[Callable[[Recipe], tuple[list[str], str]]]:
     if on_cluster:
-        return [lambda r: check_plugins(r, run_imports=False), lambda r: check_data(r, tokenize=False)]
-    return [check_plugins, check_trackers, check_model_paths, check_data]
+        return [lambda r: check_plugins(r, run_imports=False), lambda r: check_data(r, tokenize=False), check_eval]
+    return [check_plugins, check_trackers, check_model_paths, check_data, check_eval]
 
 
 # ------------------------------------------------------------------ plugins
@@ -195,6 +195,20 @@ def check_data(recipe: Recipe, tokenize: bool = True) -> tuple[list[str], str]:
         else:
             note += " (not tokenized here: model.path is a hub id)"
     return problems, note
+
+
+def check_eval(recipe: Recipe) -> tuple[list[str], str]:
+    """With `eval.every`: the eval prompts can be drawn (held out of a synthetic task, or read from their file)."""
+    if not recipe.eval.every:
+        return [], ""
+    from rl.data import PromptStream
+    from rl.evaluation import eval_rows
+
+    try:
+        rows = eval_rows(recipe, PromptStream(recipe.data, recipe.seed))
+    except RecipeError as exc:
+        return [str(exc)], ""
+    return [], f"eval: {len(rows)} held-out prompts every {recipe.eval.every} steps"
 
 
 def _template_problem(recipe: Recipe, located: list[tuple[str, dict]]) -> str | None:

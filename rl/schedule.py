@@ -153,19 +153,22 @@ class Colocation:
     itself wakes the weights when they were dropped)."""
 
     def __init__(self, enabled: bool, workers: list[ray.actor.ActorHandle], budget: StalenessBudget,
-                 level: int, timeout_s: float) -> None:
+                 level: int, timeout_s: float, busy: Callable[[], bool] = lambda: False) -> None:
+        """`busy`: other work on the engines that must end before they sleep (an eval round)."""
         self.enabled, self.workers, self.budget, self.level, self.timeout = enabled, workers, budget, level, timeout_s
+        self.busy = busy
         self.asleep = False
 
     async def wait_rollout(self, version: int) -> None:
         """Until the step's groups have all been started and have finished (with eta = 0 they are all the
-        budget allows)."""
+        budget allows), and the engines' other work (`busy`) has ended."""
         if not self.enabled:
             return
         t0 = time.monotonic()
-        while self.budget.running or self.budget.capacity(version):
+        while self.budget.running or self.budget.capacity(version) or self.busy():
             if time.monotonic() - t0 > self.timeout:
-                raise TimeoutError(f"placement timeshare: {self.budget.running} groups still generating after "
+                raise TimeoutError(f"placement timeshare: {self.budget.running} groups still generating"
+                                   f"{' and an eval round running' if self.busy() else ''} after "
                                    f"{self.timeout:.0f} s; cannot put the engines to sleep for training")
             await asyncio.sleep(0.005)
 

@@ -2,8 +2,9 @@
 
 The feeder starts groups on the rollout router while the staleness budget allows; reward workers score
 samples as they stream into the store (unless the rollout workers score them inline); with dynamic sampling
-a filter drops signal-free groups; worker activity spans flow to the timeline. `Stages` owns their tasks,
-reports the first failure to the loop (`error`), and gathers their per-step metrics."""
+a filter drops signal-free groups; worker activity spans flow to the timeline; with `eval.every` eval rounds
+run on the engines (rl.evaluation). `Stages` owns their tasks, reports the first failure to the loop (`error`),
+and gathers their per-step metrics."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 import ray
 
 from datastore.client import DataStore
+from rl.evaluation import Evaluator
 from rl.metrics import MetricsLogger
 from rl.schedule import Feeder, GroupFilter, SpanCollector
 from rl.core.staleness import StalenessBudget
@@ -34,8 +36,9 @@ class Stages:
     def __init__(self, feeder: Feeder, gfilter: GroupFilter | None, budget: StalenessBudget, router: RolloutRouter,
                  store: DataStore, rollouts: list[ray.actor.ActorHandle], rewarders: list[ray.actor.ActorHandle],
                  metrics: MetricsLogger, timeout_s: float, requeue: list[tuple[int, list[int]]] | None = None,
-                 reward_fn: str = "") -> None:
+                 evaluator: Evaluator | None = None, reward_fn: str = "") -> None:
         self.feeder, self.gfilter, self.budget, self.router, self.store = feeder, gfilter, budget, router, store
+        self.evaluator = evaluator
         self.rollouts, self.rewarders, self.metrics, self.timeout = rollouts, rewarders, metrics, timeout_s
         self.requeue = list(requeue or [])
         self.reward_fn = reward_fn  # named when a reward worker dies
@@ -46,11 +49,19 @@ class Stages:
 
     async def start(self) -> None:
         self.reward_refs = [w.run.remote() for w in self.rewarders]
+        if self.evaluator is not None:  # before the feeder: the round at version 0 reaches the engines first
+            self.evaluator.start()
         for g, missing in self.requeue:
             self.feeder.requeue(g, missing)
         self.tasks.append(asyncio.create_task(self.feeder.run()))
         if self.gfilter is not None:
             self.tasks.append(asyncio.create_task(self.gfilter.run()))
+
+    def on_version(self, version: int) -> None:
+        """The engines hold a new version: the feeder may start more groups; an eval round may be due."""
+        self.feeder.wake.set()
+        if self.evaluator is not None:
+            self.evaluator.on_version(version)
 
     def error(self) -> tuple[str, BaseException] | None:
         """The first background failure as (stage, error), or None: the loop ends the run with it."""
@@ -121,6 +132,8 @@ class Stages:
         out.update({f"reward/extra/{k}": v[0] / v[1] for k, v in extras.items() if v[1]})
         if self.gfilter is not None:
             out.update({"dynamic_sampling/kept_groups": self.gfilter.kept, "dynamic_sampling/dropped_groups": self.gfilter.dropped})
+        if self.evaluator is not None:
+            out.update(await self.evaluator.take())
         try:
             out.update(await asyncio.to_thread(self.store.metrics))
         except Exception as exc:  # observability must not stop training
@@ -134,6 +147,8 @@ class Stages:
         for t in self.tasks:
             t.cancel()
         self.feeder.stop()
+        if self.evaluator is not None:
+            self.evaluator.stop()
         for w in self.rewarders:
             w.stop.remote()
         try:

@@ -100,6 +100,8 @@ class RolloutWorker:
         self.reward = make_reward_caller(reward) if inline else None
         self.tally = RewardTally()
         self.fields = SAMPLE_FIELDS + (WRITE_FIELDS if inline else [])
+        self.eval_reward: Any = None  # the eval reward caller (`eval.reward_fn`), made on the first eval call
+        self.eval_reward_fn = ""
 
     async def start(self) -> dict[str, Any]:
         """Build the engine; returns how long that took."""
@@ -143,19 +145,22 @@ class RolloutWorker:
         need that. Without them a turn is decoded once, at its end (1 call instead of one per token)."""
         return self.cfg.detokenize and bool(self.cfg.stop)
 
-    def _sampling_params(self, seed: int | None, max_tokens: int):
+    def _sampling_params(self, seed: int | None, max_tokens: int, temperature: float | None = None):
+        """`temperature`: an eval round's (0 = greedy); None = rollout.temperature."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         c = self.cfg
         return SamplingParams(
-            n=1, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k if c.top_k > 0 else 0,
+            n=1, temperature=c.temperature if temperature is None else temperature, top_p=c.top_p,
+            top_k=c.top_k if c.top_k > 0 else 0,
             max_tokens=max_tokens, stop=list(c.stop) or None, logprobs=0, seed=seed if c.seed_requests else None,
             output_kind=RequestOutputKind.FINAL_ONLY, skip_special_tokens=True, detokenize=self._engine_detok,
             include_stop_str_in_output=True, ignore_eos=c.ignore_eos,
         )
 
-    async def _turn(self, context: list[int], max_tokens: int, seed: int, tag: str) -> TurnOutput:
+    async def _turn(self, context: list[int], max_tokens: int, seed: int, tag: str,
+                    temperature: float | None = None) -> TurnOutput:
         """One model turn: token ids in, token ids + logprobs + per-token versions out. A weight update cuts
         it into segments (see the module docstring); each segment's tokens carry the version it ran on."""
         ids: list[int] = []
@@ -164,7 +169,7 @@ class RolloutWorker:
         text, finish, k = "", "", 0
         while True:
             comp, version, cut = await self._segment(context + ids, max_tokens - len(ids), seed + 104_729 * k,
-                                                     f"{tag}-k{k}")
+                                                     f"{tag}-k{k}", temperature)
             new = list(comp.token_ids)
             ids += new
             logprobs += [float(step[tok].logprob) for tok, step in zip(new, comp.logprobs or [])]
@@ -181,13 +186,14 @@ class RolloutWorker:
             finish = "length"
         return TurnOutput(ids, logprobs, versions, text, finish)
 
-    async def _segment(self, context: list[int], max_tokens: int, seed: int, tag: str) -> tuple[Any, int, bool]:
+    async def _segment(self, context: list[int], max_tokens: int, seed: int, tag: str,
+                       temperature: float | None = None) -> tuple[Any, int, bool]:
         """Run one request until it ends or a weight update cuts it. Returns its completion, the policy
         version it ran on, and whether an update cut it (then the caller continues it)."""
         async with self.gate:  # never between an update's pause and its load (see __init__)
             version, epoch = self.version, self.epoch
             queue = await self.engine.add_request(f"{tag}-{uuid.uuid4().hex[:8]}", {"prompt_token_ids": context},
-                                                  self._sampling_params(seed, max_tokens))
+                                                  self._sampling_params(seed, max_tokens, temperature))
         self.active += 1
         try:
             out = queue.get_nowait() or await queue.get()
@@ -203,18 +209,31 @@ class RolloutWorker:
         return comp, version, comp.finish_reason == "abort" and self.epoch > epoch
 
     async def _one(self, req: GroupRequest, j: int) -> dict[str, Any]:
+        row, row_fields = await self._episode(req, j, self.cfg.max_tokens, None, "g")
+        if self.reward is not None:  # reward.inline: scored here, stored with the sample
+            sample = self._sample(req, j, row, row_fields)
+            row.update({k: v[0] for k, v in self.tally.add([sample], [await self.reward.score(sample)]).items()})
+        await self._put(req.group * req.n + j, row)
+        self.tokens_out += int(sum(row["loss_mask"]))
+        self.samples_out += 1
+        return row
+
+    async def _episode(self, req: GroupRequest, j: int, max_tokens: int, temperature: float | None,
+                       tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Sample j of the group (every turn of it): the stored row, and the dataset row's fields."""
         index = req.group * req.n + j
         t0 = time.perf_counter()
         seed = self.seed * 1_000_003 + index
         turn_no = 0
 
-        async def generate(context: list[int], max_tokens: int) -> TurnOutput:
+        async def generate(context: list[int], max_new: int) -> TurnOutput:
             nonlocal turn_no
             turn_no += 1
-            return await self._turn(context, max_tokens, seed + 7919 * (turn_no - 1), f"g{req.group}-s{j}-t{turn_no}")
+            return await self._turn(context, max_new, seed + 7919 * (turn_no - 1),
+                                    f"{tag}{req.group}-s{j}-t{turn_no}", temperature)
 
         row_fields = json.loads(req.row) if req.row else {}
-        ep = await run_episode(generate, req.prompt, req.prompt_ids, row_fields, self.cfg.max_tokens,
+        ep = await run_episode(generate, req.prompt, req.prompt_ids, row_fields, max_tokens,
                                self.cfg.agent, self.agent_hook, self._tokenize, lambda: self.version,
                                max_context=self.cfg.max_model_len)
         row = {
@@ -225,14 +244,35 @@ class RolloutWorker:
             "finish_reason": ep.finish_reason, "row": req.row, "worker": self.rank,
             "gen_seconds": time.perf_counter() - t0, "turns": ep.turns,
         }
-        if self.reward is not None:  # reward.inline: scored here, stored with the sample
-            sample = Sample(prompt=req.prompt, response=ep.text, prompt_ids=row["prompt_ids"],
-                            response_ids=ep.response_ids, row=row_fields, index=index, finish_reason=ep.finish_reason)
-            row.update({k: v[0] for k, v in self.tally.add([sample], [await self.reward.score(sample)]).items()})
-        await self._put(index, row)
-        self.tokens_out += int(sum(ep.loss_mask))
-        self.samples_out += 1
-        return row
+        return row, row_fields
+
+    @staticmethod
+    def _sample(req: GroupRequest, j: int, row: dict[str, Any], row_fields: dict[str, Any]) -> Sample:
+        """What the reward function sees of a finished sample."""
+        return Sample(prompt=req.prompt, response=row["response"], prompt_ids=row["prompt_ids"],
+                      response_ids=row["response_ids"], row=row_fields, index=req.group * req.n + j,
+                      finish_reason=row["finish_reason"])
+
+    async def evaluate_group(self, req: GroupRequest, temperature: float, max_tokens: int,
+                             reward: RewardConfig) -> list[dict[str, Any]]:
+        """An eval prompt's samples, scored with `reward.fn` and returned: never written to the store, never
+        counted in this worker's rollout stats. Each keeps its per-token policy versions (a weight update
+        may cut it like any request; then its tokens span two versions)."""
+        if not self.healthy:
+            raise RuntimeError(f"rollout worker {self.rank}'s engine is down: {self.last_error}")
+        if self.eval_reward is None or self.eval_reward_fn != reward.fn:
+            self.eval_reward, self.eval_reward_fn = make_reward_caller(reward), reward.fn
+        start = time.time()
+        episodes = await asyncio.gather(*[self._episode(req, j, max_tokens, temperature, "eval")
+                                          for j in req.sample_ids()])
+        self.events.append({"kind": "eval", "start": start, "end": time.time()})  # the timeline's eval spans
+        samples = [self._sample(req, j, row, fields) for j, (row, fields) in zip(req.sample_ids(), episodes)]
+        scores = await self.eval_reward.score_many(samples)
+        return [{"prompt_no": req.group, "sample": row["sample"], "prompt": row["prompt"], "response": row["response"],
+                 "score": s.score, "reward_info": s.error, "row": row["row"], "finish_reason": row["finish_reason"],
+                 "version": row["version"], "version_max": max(row["token_versions"], default=row["version"]),
+                 "tokens": len(row["response_ids"]), "worker": self.rank}
+                for (row, _), s in zip(episodes, scores)]
 
     def _tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -152,11 +152,18 @@ def test_kill_driver_then_resume(tiny_model, tmp_path):
 
 
 def test_colocated_sync_mode_time_shares(ray_session, tiny_model, tmp_path):
-    """eta = 0 with colocation: each step's groups finish, engines sleep, the trainer steps, engines wake."""
-    records = run(tiny_model, tmp_path / "c", "trainer.total_steps=3", "algorithm.eta=0", "resources.placement=timeshare")
+    """eta = 0 with colocation: each step's groups finish, engines sleep, the trainer steps, engines wake; eval
+    rounds (rl/evaluation.py) end before the engines sleep."""
+    records = run(tiny_model, tmp_path / "c", "trainer.total_steps=3", "algorithm.eta=0", "resources.placement=timeshare",
+                  "eval.every=2", "eval.prompts=4", "eval.samples_per_prompt=2")
     assert len(records) == 3 and all(r["staleness/max"] == 0 for r in records)  # on-policy
+    rounds = [json.loads(line) for line in (tmp_path / "c" / "eval" / "rounds.jsonl").read_text().splitlines()]
+    versions = [(r["eval/launched_version"], r["eval/version_min"], r["eval/version_max"]) for r in rounds]
+    assert versions == [(0, 0, 0), (2, 2, 2), (3, 3, 3)]  # no sync cut a round: the engines slept only between them
+    assert records[-1]["eval/launched_version"] == 3
     spans = [json.loads(line) for line in (tmp_path / "c" / "timeline.jsonl").read_text().splitlines()]
-    gen = [(s["start"], s["end"]) for s in spans if s["kind"] == "generate"]
+    gen = [(s["start"], s["end"]) for s in spans if s["kind"] in ("generate", "eval")]
+    assert sum(s["kind"] == "eval" for s in spans) == 4 + 4 + 4  # one span per prompt of each round
     train = [(s["start"], s["end"]) for s in spans if s["actor"] == "trainer" and s["kind"] == "train"]
     assert gen and len(train) == 3
     for t0, t1 in train:  # no generation while the trainer holds the devices

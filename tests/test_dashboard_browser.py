@@ -138,7 +138,8 @@ def test_live_dashboard_in_chromium(ray_session, tiny_model, tmp_path):
     recipe = load_recipe("recipes/cpu_default.yaml", [
         f"model.path={tiny_model}", f"logging.run_dir={run_dir}", "logging.progress=false", "logging.name=browser-test",
         "logging.dashboard=true", "logging.dashboard_host=127.0.0.1", f"trainer.total_steps={TOTAL_STEPS}",
-        "trainer.batch_groups=2", "rollout.group_size=4", "algorithm.eta=1", "resources.wait_timeout_s=300"])
+        "trainer.batch_groups=2", "rollout.group_size=4", "algorithm.eta=1", "resources.wait_timeout_s=300",
+        "eval.every=20", "eval.prompts=8", "eval.samples_per_prompt=2"])
     browser = start_chromium(tmp_path / "chrome-profile")  # before the run, so the page opens while it goes on
     ctl = Controller(recipe)
     outcome: dict[str, Any] = {}
@@ -188,6 +189,8 @@ def test_live_dashboard_in_chromium(ray_session, tiny_model, tmp_path):
                            ("chart-loss", "actor/loss"), ("chart-steptime", "time/train_s")]:
             assert expected_points(records, key) == TOTAL_STEPS, f"metrics.jsonl lacks {key}"
             assert traces(browser, chart).get(metric_label(key)) == TOTAL_STEPS, (chart, key, traces(browser, chart))
+        evals = expected_points(records, "eval/reward_mean")  # at least the rounds at version 0 and on the final weights
+        assert evals >= 2 and traces(browser, "chart-eval").get(metric_label("eval/reward_mean")) == evals
         throughput = traces(browser, "chart-throughput")
         assert throughput["samples/s trained"] == throughput["tokens/s generated"] == TOTAL_STEPS
         queues = traces(browser, "chart-queues")  # the legend in words (rl/dashboard/labels.py), no raw keys

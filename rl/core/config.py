@@ -261,6 +261,28 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation while training goes on (rl/evaluation.py): rounds of prompts the trainer never
+    sees, generated on the rollout engines beside the training rollouts, scored, logged as eval/* metrics."""
+
+    every: int = 0  # steps between eval rounds; 0 = no evaluation
+    source: str = ""  # empty: the training task (data.source must be synthetic:NAME) with problems held out of
+    #                   training by `seed`; or a .parquet / .jsonl prompt file (data.prompt_key, data.template apply)
+    seed: int = 1234  # draws the held-out problems of a synthetic source (training never yields them)
+    prompts: int = 64  # prompts per round (a file source: its first this many; 0 = all of them)
+    samples_per_prompt: int = 4
+    temperature: float = 1.0  # 0 = greedy (then samples_per_prompt must be 1)
+    max_tokens: int = 0  # new tokens per sample; 0 = rollout.max_tokens
+    reward_fn: str = ""  # module:function; empty = reward.fn (the training reward)
+    pass_threshold: float = 1.0  # a sample counts as solved for pass@k when its score is >= this
+    pass_k: list[int] = field(default_factory=list)  # eval/pass@k for each k (k <= samples_per_prompt); empty: 1
+    #                                                  and samples_per_prompt
+    at_start: bool = True  # a round at version 0, before training changes anything (when every > 0)
+    at_end: bool = True  # a round on the final weights, logged with the last step (when every > 0)
+    timeout_s: float = 600.0  # longest wait for one prompt's samples in a round
+
+
+@dataclass
 class Recipe:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -272,6 +294,7 @@ class Recipe:
     datastore: DataStoreConfig = field(default_factory=DataStoreConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -407,12 +430,12 @@ def _load_yaml(path: Path) -> DictConfig:
 #: how a schema type annotation is said in an error message
 _TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
                "Optional[str]": "a string (or empty)", "Optional[int]": "an integer (or empty)",
-               "list[str]": "a list of strings, e.g. [a, b]"}
+               "list[str]": "a list of strings, e.g. [a, b]", "list[int]": "a list of integers, e.g. [1, 4]"}
 
 
 def _type_error(exc: OmegaConfBaseException, origin: str) -> str:
     """One line for a value of the wrong type, like the unknown-key error: the key, what it takes, what it got."""
-    key = getattr(exc, "full_key", None) or "?"
+    key = (getattr(exc, "full_key", None) or "?").split("[")[0]  # a list element's error names its list
     expected = SCHEMA_KEYS.get(key)
     if isinstance(expected, type) and dataclasses.is_dataclass(expected):
         words = "a section (a mapping of keys)"
@@ -467,6 +490,7 @@ def validate(recipe: Recipe) -> None:
                           f"producers could wait for room that only unfinished groups hold")
     _validate_placement(recipe)
     _validate_trainer(recipe)
+    _validate_eval(recipe)
     if recipe.rollout.temperature <= 0:
         raise RecipeError("Recipe key 'rollout.temperature' must be > 0 for RL (sampling, not greedy)")
     if not 0 < recipe.rollout.top_p <= 1:
@@ -552,6 +576,38 @@ def _validate_loss(recipe: Recipe) -> None:
     if a.dynamic_sampling and recipe.rollout.group_size == 1:
         raise RecipeError("Recipe key 'algorithm.dynamic_sampling' = true needs 'rollout.group_size' > 1: it drops "
                           "groups whose rewards are all equal, which every group of one sample is")
+
+
+def _validate_eval(recipe: Recipe) -> None:
+    """The eval section's ranges (checked whether or not `eval.every` turns it on, so a recipe that turns it
+    on later by an override fails on the key it got wrong, not on one set long ago)."""
+    e = recipe.eval
+    for key in ("every", "prompts", "max_tokens"):
+        if getattr(e, key) < 0:
+            raise RecipeError(f"Recipe key 'eval.{key}' must be >= 0; got {getattr(e, key)!r}")
+    if e.samples_per_prompt < 1 or e.timeout_s <= 0:
+        raise RecipeError(f"Recipe keys 'eval.samples_per_prompt' must be >= 1 and 'eval.timeout_s' > 0; got "
+                          f"{e.samples_per_prompt} and {e.timeout_s}")
+    if e.temperature < 0:
+        raise RecipeError(f"Recipe key 'eval.temperature' must be >= 0 (0 = greedy); got {e.temperature}")
+    if e.temperature == 0 and e.samples_per_prompt > 1:
+        raise RecipeError(f"Recipe key 'eval.temperature' = 0 (greedy) makes {e.samples_per_prompt} identical samples "
+                          f"per prompt: set eval.samples_per_prompt=1, or a temperature > 0 for pass@k")
+    bad = [k for k in e.pass_k if not 1 <= k <= e.samples_per_prompt]
+    if bad:
+        raise RecipeError(f"Recipe key 'eval.pass_k' = {list(e.pass_k)}: each k must be in [1, eval.samples_per_prompt "
+                          f"= {e.samples_per_prompt}]; {bad} {'is' if len(bad) == 1 else 'are'} not")
+    if e.reward_fn and ":" not in e.reward_fn:
+        raise RecipeError(f"Recipe key 'eval.reward_fn' = {e.reward_fn!r} must be 'module:function' or "
+                          "'file.py:function'")
+    if e.every and not e.source and not recipe.data.source.startswith("synthetic:"):
+        raise RecipeError(f"Recipe key 'eval.source' is empty, which holds problems out of a synthetic training task, "
+                          f"but data.source = {recipe.data.source!r} is a file: set eval.source to a prompt file of "
+                          f"its own")
+    if e.every and e.source and os.path.abspath(os.path.expanduser(e.source)) == \
+            os.path.abspath(os.path.expanduser(recipe.data.source)):
+        raise RecipeError(f"Recipe key 'eval.source' = {e.source!r} is the training file (data.source): evaluation "
+                          f"needs prompts the trainer never sees")
 
 
 def max_response_tokens(recipe: Recipe) -> int:

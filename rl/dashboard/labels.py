@@ -23,6 +23,7 @@ _STORE = {
     "datastore/rows_held": "rows held in the store (rows)",
 }
 _TIME = re.compile(r"^time/(?P<phase>.+)_s$")
+_EVAL = re.compile(r"^eval/pass@(?P<k>\d+)$")
 
 
 def metric_label(key: str) -> str:
@@ -35,6 +36,11 @@ def metric_label(key: str) -> str:
         text = _PARTITION_WORDS[m["figure"]].format(who=who)
         partition = "" if m["partition"] == "train" else f", partition {m['partition']}"
         return f"{text}{partition} (rows)"
+    if key == "eval/reward_mean":
+        return "held-out reward (mean)"
+    m = _EVAL.match(key)
+    if m:
+        return f"held-out pass@{m['k']} (share of prompts)"
     m = _TIME.match(key)
     if m:
         return f"{m['phase'].replace('_', ' ')} (s)"

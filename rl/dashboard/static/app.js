@@ -478,6 +478,8 @@ function render() {
   renderSimple("chart-clip", /^actor\/clip/);
   renderSimple("chart-gradnorm", /grad_norm$/);
   renderSimple("chart-loss", /^(actor|critic)\/.*loss$/);
+  renderSimple("chart-eval", /^eval\/(reward_mean|pass@\d+)$/, {yaxis: {title: {text: "held-out reward, pass@k"}, automargin: true},
+                                                                   emptyText: "no eval rounds (recipe key eval.every)"});
   renderThroughput();
   renderStaleness();
   renderQueues();

@@ -27,7 +27,11 @@ FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def peft_config(cfg: LoraConfig, base_model: Optional[str] = None) -> Any:
-    from peft import LoraConfig as PeftLoraConfig
+    try:
+        from peft import LoraConfig as PeftLoraConfig
+    except ImportError:
+        raise ImportError("model.lora.rank > 0 needs PEFT in the trainer's Python: pip install -e '.[lora]' "
+                          "(or pip install 'peft>=0.15')") from None
 
     return PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules),
                           lora_dropout=cfg.dropout, bias="none", base_model_name_or_path=base_model)
@@ -36,10 +40,11 @@ def peft_config(cfg: LoraConfig, base_model: Optional[str] = None) -> Any:
 def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
     """Inject adapters into `model` in place and freeze everything else (B starts at zero: the model's
     outputs are unchanged until the first step)."""
+    config = peft_config(cfg)  # first: its import error says how to install PEFT
     from peft import inject_adapter_in_model
 
     try:
-        model = inject_adapter_in_model(peft_config(cfg), model, adapter_name=ADAPTER)
+        model = inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     except ValueError as exc:
         linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ValueError(f"Recipe key 'model.lora.target_modules' = {list(cfg.target_modules)} matches no layer of "

@@ -121,6 +121,26 @@ def test_only_adapters_train_on_a_sharded_base_and_the_export_loads(one_rank_gro
     assert (_logits(merged, IDS) - expected).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
+def test_a_step_moves_the_adapters_and_leaves_the_base(one_rank_group, tiny_model):
+    """One GRPO step of the real PolicyTrainer: AdamW holds only the adapters, the base is bit-identical."""
+    from trainer.batching import Sample
+    from trainer.engine import PolicyTrainer
+
+    recipe = load_recipe(None, [f"model.path={tiny_model}", "trainer.world_size=1", "trainer.compute_dtype=float32",
+                                "model.lora.rank=4", "trainer.lr=1e-2"])
+    pt = PolicyTrainer(recipe, tiny_model, torch.device("cpu"))
+    before = {n: p.detach().to_local().clone() for n, p in pt.model.named_parameters()}
+    assert sum(len(g["params"]) for g in pt.optim.param_groups) == sum(".lora_" in n for n in before)
+    samples = [Sample([1, 20, 21], [30 + j, 31, 2], torch.full((3,), -2.0), torch.ones(3), float(j % 2), 0, 0)
+               for j in range(4)]
+    pt.train(samples, 0)
+    after = {n: p.detach().to_local() for n, p in pt.model.named_parameters()}
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    # B starts at zero, so the first step moves every B and no A (A's gradient is B's transpose times ...)
+    assert changed == {n for n in before if ".lora_B." in n}
+
+
 # ------------------------------------------------------------------ the real stack: trainer ranks -> vLLM
 def _adapter_perturber():
     """Runs inside a trainer rank (Ray's __ray_call__): move the rank's adapter shards only (the base is

@@ -174,7 +174,8 @@ def test_lora_sync_sends_fewer_bytes_and_the_engine_matches_the_trainer(ray_sess
         f"model.path={tiny_model}", "trainer.world_size=2", "trainer.batch_groups=2", "rollout.weight_transport=gloo",
         "rollout.weight_bucket_mb=0.25", "resources.wait_timeout_s=120", f"logging.run_dir={tmp_path}",
         "rollout.max_model_len=64", "trainer.compute_dtype=float32", "algorithm.eta=0",
-        "model.lora.rank=4", "model.lora.alpha=8", f"model.lora.target_modules=[{','.join(TARGETS)}]"])
+        "model.lora.rank=4", "model.lora.alpha=8", f"model.lora.target_modules=[{','.join(TARGETS)}]",
+        "trainer.export_merged=true"])
     store = DataStore.create(1, tag_fields=["version"], declared_fields=SAMPLE_FIELDS, timeout_s=60)
     engine = RolloutActor.options(num_cpus=0).remote(0, tiny_model, recipe.rollout, store, "p", "float32", "cpu", 0, 120)
     group = TrainerGroup(recipe, tiny_model, store, "p", "cpu")
@@ -202,6 +203,17 @@ def test_lora_sync_sends_fewer_bytes_and_the_engine_matches_the_trainer(ray_sess
             assert diff < 1e-4
             assert 0 < metrics["sync/bytes"] < 0.5 * full_bytes
             assert ray.get(engine.stats.remote(), timeout=30).version == version
+
+        # the export of the two ranks' shards computes what the engine serves, as an adapter and merged
+        from peft import PeftModel
+
+        out = group.export_hf(tmp_path / "final_model")
+        adapted = PeftModel.from_pretrained(base, str(out))
+        merged = AutoModelForCausalLM.from_pretrained(str(out / "merged"), dtype=torch.float32)
+        for name, model in (("adapter", adapted), ("merged", merged)):
+            lp = torch.log_softmax(_logits(model, ids), -1)
+            exported = [lp[i - 1, ids[i]].item() for i in range(1, len(ids))]
+            assert max(abs(x - y) for x, y in zip(exported, after[1:])) < 1e-4, name
     finally:
         stop_workers([engine])
         group.shutdown()

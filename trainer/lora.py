@@ -46,6 +46,8 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
     try:
         model = inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     except ValueError as exc:
+        if "target" not in str(exc).lower():
+            raise
         linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ValueError(f"Recipe key 'model.lora.target_modules' = {list(cfg.target_modules)} matches no layer of "
                          f"{type(model).__name__}; its linear layers are {linears} ({exc})") from None
@@ -78,7 +80,8 @@ def has_lora(model: torch.nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class SyncTensor:
-    """One tensor a LoRA sync sends: the engine's (base) name, and the state-dict keys it is made of."""
+    """One tensor a sync sends: the engine's (base) name, and the state-dict keys it is made of (one plain
+    entry for a full sync or an unadapted module)."""
 
     name: str
     weight: str  # the base tensor's state-dict key

@@ -249,16 +249,41 @@ _SKIP_FILES = {"config.json", "streamrl_model.json"}
 SHARD_BYTES = 4 << 30
 
 
-def export_hf(model: torch.nn.Module, source: Any, out_dir: str | Path, dtype: torch.dtype) -> Optional[Path]:
+def export_hf(model: torch.nn.Module, source: Any, out_dir: str | Path, dtype: torch.dtype,
+              merged: bool = False) -> Optional[Path]:
     """Write the policy as a normal HF model directory (config, tokenizer, safetensors) on rank 0; every
-    rank calls (the full weights are gathered from the shards). Returns the directory on rank 0."""
+    rank calls (the full weights are gathered from the shards). Returns the directory on rank 0.
+
+    A LoRA policy (trainer/lora.py) is written as a PEFT adapter (adapter_config.json and
+    adapter_model.safetensors, with the tokenizer) that `PeftModel.from_pretrained` puts on the base model,
+    and with `merged` also as the merged model in `<out_dir>/merged`."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from trainer import lora
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:
         return None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if not lora.has_lora(model):
+        _write_model(model, dict(full), source, out, dtype)
+        return out
+    from safetensors.torch import save_file
+
+    cfg = lora.peft_config(model.streamrl_lora, source if isinstance(source, str) else None)
+    cfg.save_pretrained(str(out))
+    save_file({k: v.to(dtype).contiguous() for k, v in lora.adapter_state(full).items()},
+              str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    _copy_tokenizer(source, out)
+    if merged:
+        (out / "merged").mkdir(exist_ok=True)
+        _write_model(model, dict(lora.merged_state(model, full)), source, out / "merged", dtype)
+    return out
+
+
+def _write_model(model: torch.nn.Module, full: dict[str, torch.Tensor], source: Any, out: Path,
+                 dtype: torch.dtype) -> None:
     config = model.config
     tensors = {k: v.to(dtype).contiguous() for k, v in full.items()}
     if getattr(config, "tie_word_embeddings", False):
@@ -270,7 +295,6 @@ def export_hf(model: torch.nn.Module, source: Any, out_dir: str | Path, dtype: t
     config.save_pretrained(str(out))
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(str(out))
-    return out
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], out: Path) -> None:

@@ -62,8 +62,9 @@ class PolicyTrainer:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         t, a = recipe.trainer, recipe.algorithm
         torch.manual_seed(recipe.seed)
-        self.model = build_policy(source, t, device, recipe.seed)
-        self.optim = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.model = build_policy(source, t, device, recipe.seed, recipe.model.lora)
+        # with LoRA only the adapters train: the frozen base has no gradients and no AdamW moments
+        self.optim = torch.optim.AdamW(_trained(self.model), lr=t.lr, weight_decay=t.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.optim, lr_lambda(t))
         self.critic = self.critic_optim = self.critic_sched = None
         if algorithms.needs_values(a.advantage):
@@ -209,7 +210,7 @@ class PolicyTrainer:
             sums.ratio_max = torch.maximum(sums.ratio_max, stats["ratio_max"].double())
             if self.critic is not None:
                 self._critic_micro_batch(mb, scores, returns, denom, sums)
-        norm = _clip(self.model.parameters(), t.max_grad_norm)
+        norm = _clip(_trained(self.model), t.max_grad_norm)
         self.optim.step()
         critic_norm = 0.0
         if self.critic_optim is not None:
@@ -276,6 +277,10 @@ class PolicyTrainer:
             lp = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
         self.model.train()
         return [None] + lp.cpu().tolist()
+
+
+def _trained(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def _clip(params, max_norm: float) -> float:

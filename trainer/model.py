@@ -13,7 +13,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from rl.core.config import TrainerConfig
+from rl.core.config import LoraConfig, TrainerConfig
 from trainer.batching import MicroBatch
 
 ModelSource = Union[str, Any]  # an HF directory / hub id, or a transformers config (random init, for benchmarks)
@@ -75,10 +75,16 @@ def load_causal_lm(source: ModelSource, device: torch.device, seed: int = 0) -> 
     return model.to(device)
 
 
-def build_policy(source: ModelSource, cfg: TrainerConfig, device: torch.device, seed: int = 0) -> torch.nn.Module:
-    """The trained policy: float32 master weights, activation checkpointing if asked, sharded."""
+def build_policy(source: ModelSource, cfg: TrainerConfig, device: torch.device, seed: int = 0,
+                 lora: Optional[LoraConfig] = None) -> torch.nn.Module:
+    """The trained policy: float32 master weights, LoRA adapters if asked (the frozen base is sharded
+    too), activation checkpointing if asked, sharded."""
     model = load_causal_lm(source, device, seed)
     model.config.use_cache = False
+    if lora is not None and lora.rank > 0:
+        from trainer.lora import apply_lora
+
+        model = apply_lora(model, lora)
     if cfg.activation_checkpointing:
         # HF's own switch keeps parameter names unchanged (weight sync, checkpoints and export rely on them)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

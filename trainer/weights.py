@@ -6,6 +6,9 @@ parameter (an all-gather over the trainer group, so every rank must take part); 
 flat buffer, and the channel (`rl.core.transport`) sends the bucket while the next one is filled. Memory held
 beyond the model is about two buckets (`rollout.weight_bucket_mb`), never the whole model (except shm,
 which writes one file).
+
+With LoRA (trainer/lora.py) the plan holds only the modules the adapters change, each weight merged
+(W + scale * B @ A) from its gathered base and adapter tensors, under the base model's names.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 import torch
 
 from rl.core.transport import Bucket, ChannelSpec, WeightHandle, gpu_uuid, make_sender, plan_buckets, tensor_view
+from trainer.lora import SyncTensor, has_lora, merged, sync_tensors
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -32,10 +36,13 @@ class WeightSender:
                  kind: str, bucket_bytes: int, timeout_s: float) -> None:
         self.model, self.rank, self.device, self.engine_dtype = model, rank, device, engine_dtype
         self.channel = make_sender(kind, rank, device, timeout_s)
-        self.names = self._names()
+        # engine name -> how to make it: a state-dict entry, or a merged LoRA weight
+        self.sources: dict[str, SyncTensor] = {t.name: t for t in sync_tensors(model)} if has_lora(model) else \
+            {n: SyncTensor(n, n) for n in self._names()}
+        self.names = list(self.sources)
         state = model.state_dict()
-        cast = [(n, engine_dtype if state[n].is_floating_point() else state[n].dtype, tuple(state[n].shape))
-                for n in self.names]
+        cast = [(n, engine_dtype if state[t.weight].is_floating_point() else state[t.weight].dtype,
+                 tuple(state[t.weight].shape)) for n, t in self.sources.items()]
         self.plan: list[Bucket] = plan_buckets(cast, bucket_bytes)
         self.nbytes = sum(b.nbytes for b in self.plan)
 
@@ -97,7 +104,7 @@ class WeightSender:
         buf = torch.empty(bucket.nbytes, dtype=torch.uint8, device=self.channel.buffer_device) if packs else None
         if state is not None:
             for spec in bucket.tensors:
-                full = _full(state[spec.name])
+                full = merged(self.sources[spec.name], state, _full)
                 if buf is not None:
                     tensor_view(buf, spec).copy_(full)  # the cast to the engine dtype happens here
                 del full

@@ -207,9 +207,11 @@ class TrainerWorker:
         return self.version
 
     def export_hf(self, out_dir: str) -> Optional[str]:
-        """Write the policy as a Hugging Face directory in `model.dtype` (a collective; rank 0 writes)."""
+        """Write the policy as a Hugging Face directory in `model.dtype` (a collective; rank 0 writes); with
+        LoRA the adapter in PEFT's format (and the merged model in merged/ if `trainer.export_merged`)."""
         assert self.engine is not None, "setup() first"
-        out = checkpoint.export_hf(self.model, self.model_path, out_dir, getattr(torch, self.recipe.model.dtype))
+        out = checkpoint.export_hf(self.model, self.model_path, out_dir, getattr(torch, self.recipe.model.dtype),
+                                   merged=self.recipe.trainer.export_merged)
         dist.barrier()
         return None if out is None else str(out)
 

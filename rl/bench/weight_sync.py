@@ -54,6 +54,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--gpu-mem", type=float, default=0.3, help="vLLM gpu_memory_utilization per engine")
     p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--lora-rank", type=int, default=0, help="model.lora.rank: sync merged LoRA targets only (0: full)")
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -144,7 +145,7 @@ def _recipe(args: argparse.Namespace, model: str, device: str, transport: str) -
         f"rollout.tensor_parallel_size={args.tp}", f"rollout.weight_transport={transport}",
         f"rollout.weight_bucket_mb={args.bucket_mb}", f"rollout.gpu_memory_utilization={args.gpu_mem}",
         "rollout.max_model_len=128", "rollout.max_num_seqs=16", "rollout.kv_cache_gib=0.5",
-        "algorithm.eta=0",
+        "algorithm.eta=0", f"model.lora.rank={args.lora_rank}",
         f"resources.device={device}", f"resources.wait_timeout_s={args.timeout}",
         f"logging.run_dir={tempfile.mkdtemp(prefix='streamrl-bench-wsync-')}",
     ])

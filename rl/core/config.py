@@ -44,11 +44,23 @@ class TinyModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters (PEFT's LoRA): train only them, sync only what they change (docs/weights.md)."""
+
+    rank: int = 0  # 0 = off: full fine-tuning
+    alpha: float = 16.0  # scale of the adapter's update: alpha / rank
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # linear layers (name ends)
+    dropout: float = 0.0  # on the adapter's input, in training only
+
+
+@dataclass
 class ModelConfig:
     path: Optional[str] = None  # local HF directory or hub id; empty builds the tiny model below
     dtype: str = "float32"  # float32 | bfloat16: parameter dtype for training and generation
     cache_dir: str = "~/.cache/streamrl/models"  # where built tiny models are cached, keyed by settings
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -143,6 +155,7 @@ class TrainerConfig:
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
     critic_lr: float = 1e-3  # AdamW learning rate of the critic (algorithm.advantage = gae)
     export_final: bool = True  # write the final model as a Hugging Face directory to <run_dir>/final_model
+    export_merged: bool = False  # with model.lora: also write the merged model to <run_dir>/final_model/merged
     checkpoint_every: int = 0  # steps between distributed checkpoints in <run_dir>/checkpoints/step_<N>; 0 = none
     keep_checkpoints: int = 0  # newest checkpoints kept on disk; 0 keeps every one
 
@@ -449,6 +462,16 @@ def _type_error(exc: OmegaConfBaseException, origin: str) -> str:
     return f"Recipe key '{key}' takes {words}; got {value!r} (from {origin})"
 
 
+def _validate_lora(lora: LoraConfig) -> None:
+    if lora.rank < 0:
+        raise RecipeError(f"Recipe key 'model.lora.rank' must be >= 0 (0 = off); got {lora.rank}")
+    if lora.rank and not lora.target_modules:
+        raise RecipeError("Recipe key 'model.lora.target_modules' is empty: name the linear layers to adapt, "
+                          "e.g. [q_proj, v_proj]")
+    if not 0 <= lora.dropout < 1:
+        raise RecipeError(f"Recipe key 'model.lora.dropout' must be in [0, 1); got {lora.dropout}")
+
+
 def validate(recipe: Recipe) -> None:
     """Checks that types alone cannot express; each error names the key and what would be valid."""
     from rl.core.algorithms import ADVANTAGES, POLICY_LOSSES
@@ -491,6 +514,7 @@ def validate(recipe: Recipe) -> None:
     _validate_placement(recipe)
     _validate_trainer(recipe)
     _validate_eval(recipe)
+    _validate_lora(recipe.model.lora)
     if recipe.rollout.temperature <= 0:
         raise RecipeError("Recipe key 'rollout.temperature' must be > 0 for RL (sampling, not greedy)")
     if not 0 < recipe.rollout.top_p <= 1:

@@ -23,14 +23,14 @@ import json
 import logging
 import math
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from rl.core.config import Recipe, RecipeError
 from rl.core.waits import await_
 from rl.data import PromptFormatter, PromptStream, read_prompt_file, row_to_json
-from rollout.records import GroupRequest
+from rollout.records import EvalSample, GroupRequest
 from rollout.router import RolloutRouter
 
 log = logging.getLogger(__name__)
@@ -47,15 +47,15 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def round_metrics(samples: list[dict[str, Any]], pass_k: list[int], threshold: float) -> dict[str, float]:
-    """A round's eval/* figures from its scored samples (each with prompt_no, score, version, version_max)."""
+def round_metrics(samples: list[EvalSample], pass_k: list[int], threshold: float) -> dict[str, float]:
+    """A round's eval/* figures from its scored samples."""
     by_prompt: dict[int, list[float]] = {}
     for s in samples:
-        by_prompt.setdefault(s["prompt_no"], []).append(s["score"])
-    out = {"eval/reward_mean": sum(s["score"] for s in samples) / len(samples),
-           "eval/version": min(s["version"] for s in samples),
-           "eval/version_min": min(s["version"] for s in samples),
-           "eval/version_max": max(s["version_max"] for s in samples),
+        by_prompt.setdefault(s.prompt_no, []).append(s.score)
+    out = {"eval/reward_mean": sum(s.score for s in samples) / len(samples),
+           "eval/version": min(s.version for s in samples),
+           "eval/version_min": min(s.version for s in samples),
+           "eval/version_max": max(s.version_max for s in samples),
            "eval/prompts": len(by_prompt), "eval/samples": len(samples)}
     for k in pass_k:
         out[f"eval/pass@{k}"] = sum(pass_at_k(len(v), sum(x >= threshold for x in v), k)
@@ -185,7 +185,7 @@ class Evaluator:
         log.info("eval round %d (version %d..%d): reward %.3f in %.1f s", self.rounds, m["eval/version_min"],
                  m["eval/version_max"], m["eval/reward_mean"], m["eval/seconds"])
 
-    async def _prompt(self, req: GroupRequest, launched: int) -> list[dict[str, Any]]:
+    async def _prompt(self, req: GroupRequest, launched: int) -> list[EvalSample]:
         """One prompt's samples on the engine with the least outstanding work (counted like a training group)."""
         i = self.router.pick()
         cost = (len(req.prompt_ids) + self.max_tokens) * req.n
@@ -198,12 +198,12 @@ class Evaluator:
         finally:
             self.router.outstanding[i] -= cost
 
-    def _dump(self, launched: int, samples: list[dict[str, Any]], figures: dict[str, float]) -> None:
+    def _dump(self, launched: int, samples: list[EvalSample], figures: dict[str, float]) -> None:
         """The round's samples as JSON lines (pandas.read_json(path, lines=True) reads them), and its figures
         as a line of rounds.jsonl (every round, whichever step record it reached)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.dir / f"step_{launched:06d}.jsonl", "w") as f:
             for s in samples:
-                f.write(json.dumps({"round": self.rounds, "launched_version": launched, **s}) + "\n")
+                f.write(json.dumps({"round": self.rounds, "launched_version": launched, **asdict(s)}) + "\n")
         with open(self.dir / ROUNDS, "a") as f:
             f.write(json.dumps({"time": time.time(), **figures}) + "\n")

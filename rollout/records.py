@@ -43,6 +43,24 @@ class GroupResult:
 
 
 @dataclass
+class EvalSample:
+    """One scored sample of an eval prompt (`RolloutWorker.evaluate_group`): never stored, never trained."""
+
+    prompt_no: int
+    sample: int
+    prompt: str
+    response: str
+    score: float
+    reward_info: str  # the reward call's error, if any
+    row: str  # the dataset row's other fields, as JSON
+    finish_reason: str
+    version: int  # its oldest token's policy version
+    version_max: int  # its newest token's (a weight update may cut an eval request like any other)
+    tokens: int
+    worker: int
+
+
+@dataclass
 class UpdateReport:
     """One engine's side of a weight update (`RolloutWorker.update_weights`); seconds unless named."""
 

@@ -33,7 +33,7 @@ from rl.core.heap import GcClock, LoopWatch, settle
 from rl.core.plugins import load_function
 from rl.core.scoring import WRITE_FIELDS, RewardStats, RewardTally, Sample, make_reward_caller
 from rollout.agent import TurnOutput, run_episode
-from rollout.records import GroupRequest, GroupResult, RolloutStats, UpdateReport
+from rollout.records import EvalSample, GroupRequest, GroupResult, RolloutStats, UpdateReport
 from rl.core.transport import ChannelSpec, WeightHandle
 from rl.core.waits import await_
 
@@ -254,7 +254,7 @@ class RolloutWorker:
                       finish_reason=row["finish_reason"])
 
     async def evaluate_group(self, req: GroupRequest, temperature: float, max_tokens: int,
-                             reward: RewardConfig) -> list[dict[str, Any]]:
+                             reward: RewardConfig) -> list[EvalSample]:
         """An eval prompt's samples, scored with `reward.fn` and returned: never written to the store, never
         counted in this worker's rollout stats. Each keeps its per-token policy versions (a weight update
         may cut it like any request; then its tokens span two versions)."""
@@ -268,10 +268,10 @@ class RolloutWorker:
         self.events.append({"kind": "eval", "start": start, "end": time.time()})  # the timeline's eval spans
         samples = [self._sample(req, j, row, fields) for j, (row, fields) in zip(req.sample_ids(), episodes)]
         scores = await self.eval_reward.score_many(samples)
-        return [{"prompt_no": req.group, "sample": row["sample"], "prompt": row["prompt"], "response": row["response"],
-                 "score": s.score, "reward_info": s.error, "row": row["row"], "finish_reason": row["finish_reason"],
-                 "version": row["version"], "version_max": max(row["token_versions"], default=row["version"]),
-                 "tokens": len(row["response_ids"]), "worker": self.rank}
+        return [EvalSample(prompt_no=req.group, sample=row["sample"], prompt=row["prompt"], response=row["response"],
+                           score=s.score, reward_info=s.error, row=row["row"], finish_reason=row["finish_reason"],
+                           version=row["version"], version_max=max(row["token_versions"], default=row["version"]),
+                           tokens=len(row["response_ids"]), worker=self.rank)
                 for (row, _), s in zip(episodes, scores)]
 
     def _tokenize(self, text: str) -> list[int]:

@@ -13,6 +13,7 @@ from rl.data import PromptStream
 from rl.evaluation import Evaluator, eval_rows, pass_at_k, round_metrics
 from rl.metrics import learning_summary, read_metrics
 from rl.dashboard.labels import metric_label
+from rollout.records import EvalSample
 
 
 # ---------------------------------------------------------------- pass@k and a round's figures
@@ -27,8 +28,9 @@ def test_pass_at_k_matches_hand_computed_values():
 
 
 def sample(prompt_no, score, version=0, version_max=None):
-    return {"prompt_no": prompt_no, "score": score, "version": version,
-            "version_max": version if version_max is None else version_max}
+    return EvalSample(prompt_no=prompt_no, sample=0, prompt="p", response="r", score=score, reward_info="", row="{}",
+                      finish_reason="stop", version=version, version_max=version if version_max is None else version_max,
+                      tokens=1, worker=0)
 
 
 def test_round_metrics_on_hand_made_scores():

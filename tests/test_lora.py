@@ -1,6 +1,6 @@
 """LoRA (model.lora): only adapters train, FSDP2 shards the frozen base, a sync sends only the merged weights
 of the adapted modules (fewer bytes than a full sync) and leaves the engine computing the trainer's
-logprobs, and the export loads in transformers (PEFT adapter and merged model)."""
+logprobs, and the export loads in transformers (PEFT adapter and merged model) and the merged model in vLLM."""
 
 from __future__ import annotations
 
@@ -240,6 +240,15 @@ def test_lora_sync_sends_fewer_bytes_and_the_engine_matches_the_trainer(ray_sess
             lp = torch.log_softmax(_logits(model, ids), -1)
             exported = [lp[i - 1, ids[i]].item() for i in range(1, len(ids))]
             assert max(abs(x - y) for x, y in zip(exported, after[1:])) < 1e-4, name
+        # and the merged model loads in vLLM as any model directory does, serving the same logprobs
+        served = RolloutActor.options(num_cpus=0).remote(1, str(out / "merged"), recipe.rollout, store, "p", "float32",
+                                                         "cpu", 0, 120)
+        try:
+            ray.get(served.start.remote(), timeout=400)
+            from_vllm = ray.get(served.prompt_logprobs.remote(ids), timeout=60)
+        finally:
+            stop_workers([served])
+        assert max(abs(x - y) for x, y in zip(from_vllm[1:], after[1:])) < 1e-4
     finally:
         stop_workers([engine])
         group.shutdown()

@@ -341,7 +341,8 @@ function renderStepTime() {  // lines, not stacks: the trainer's times (time/upd
 function renderErrors() {
   const traces = lines(["reward/errors"], {names: {"reward/errors": "errors"},
                                            extra: multi() ? {} : {type: "bar", marker: {color: "#b3261e"}}})
-    .concat(lines(["reward/abandoned_calls"], {names: {"reward/abandoned_calls": "calls abandoned at their timeout (so far)"}}));
+    .concat(lines(["reward/abandoned_calls"], {names: {"reward/abandoned_calls": "calls abandoned at their timeout (so far)"}})
+      .filter((t) => t.y.some((v) => v > 0)));  // only where a call was given up
   draw("chart-errors", traces, {yaxis: {title: {text: "samples"}, automargin: true, rangemode: "tozero"},
                                 margin: {l: 55, r: 55, t: 8, b: 30}, showlegend: multi(),
                                 emptyText: "no reward/errors in the metrics yet"});

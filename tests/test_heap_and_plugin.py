@@ -55,19 +55,19 @@ def test_gc_clock_counts_full_collections_and_settle_freezes():
 
 
 def test_loop_watch_names_the_code_that_held_the_loop() -> None:
-    """A coroutine that blocks the loop for 0.6 s shows as a lag of about that much, with its stack."""
+    """A coroutine that blocks the loop for 1.2 s shows as a lag of about that much, with its stack."""
     import asyncio
 
     from rl.core.heap import LoopWatch
 
     def hold_the_loop() -> None:
-        time.sleep(0.6)
+        time.sleep(1.2)
 
     async def main() -> dict:
         watch = LoopWatch(stall_s=0.2)
         watch.start()
         await asyncio.sleep(0.1)
-        assert watch.take()["lag_max_s"] < 0.2  # an idle loop beats on time
+        assert watch.take()["lag_max_s"] < 0.5  # an idle loop beats about on time (a busy box adds a little)
         hold_the_loop()
         await asyncio.sleep(0.1)
         out = watch.take()
@@ -75,5 +75,5 @@ def test_loop_watch_names_the_code_that_held_the_loop() -> None:
         return out
 
     out = asyncio.run(main())
-    assert out["lag_max_s"] > 0.5
-    assert len(out["stalls"]) == 1 and "hold_the_loop" in out["stalls"][0]["stack"]
+    assert out["lag_max_s"] > 1.1
+    assert any("hold_the_loop" in st["stack"] and st["lag_s"] > 0.2 for st in out["stalls"])

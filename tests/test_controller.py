@@ -97,9 +97,11 @@ def checkpoint_step(run_dir):
 
 
 def lineage_to_lose(run_dir):
-    """Mid-run, with a checkpoint S, and samples in the log that versions after S helped make."""
+    """Mid-run, with a checkpoint S, samples in the log that versions after S helped make, and the next
+    checkpoint (after step S + 3) at least a step away: one completing between this look and the kill
+    would leave no lineage to lose."""
     step = checkpoint_step(run_dir)
-    return (step is not None and len(read_metrics(run_dir)) >= 5
+    return (step is not None and step >= 4 and step + 1 <= len(read_metrics(run_dir)) <= step + 2
             and any(newest_version(r) > step for r in logged_rows(run_dir)))
 
 

@@ -92,9 +92,12 @@ def test_submit_status_logs_and_stop(cluster, tiny_model, tmp_path):
     assert jobs.status(job2, cluster)["run_dir"] == printed
     listed = cli("list", "--address", cluster)
     assert listed.returncode == 0 and job_id in listed.stdout and printed in listed.stdout
+    deadline = time.monotonic() + 120  # RUNNING is the driver's start; the run directory comes with its build
+    while not (Path(printed) / "config.yaml").exists():
+        assert time.monotonic() < deadline, f"the job wrote no run directory at {printed}"
+        time.sleep(0.5)
     stopped = cli("stop", job2, "--address", cluster, timeout=200)
     assert stopped.returncode == 0 and "STOPPED" in stopped.stdout, stopped.stderr
-    assert (Path(printed) / "config.yaml").exists()
 
     # an unknown job id: one line, no traceback
     missing = cli("status", "raysubmit_no_such_job", "--address", cluster)

@@ -303,8 +303,9 @@ class Controller:
             if done:
                 try:
                     return fut.result()
-                except WaitTimeout as exc:
-                    if self.watchdog.last:
+                except Exception as exc:  # a timeout, bare or wrapped (a sync names its side first)
+                    timed_out = isinstance(exc, WaitTimeout) or isinstance(exc.__cause__, WaitTimeout)
+                    if timed_out and self.watchdog.last:
                         raise WaitTimeout(f"{exc}\nThe watchdog's last look: {self.watchdog.last}") from exc
                     raise
             failed = stages.error()

@@ -74,4 +74,5 @@ def test_watchdog_names_a_frozen_rollout_worker_then_a_frozen_trainer_rank(ray_s
     assert "trainer_stopped" in events, "the run did not go on after the rollout worker resumed"
     assert any("rollout worker 0 did not answer" in w for w in warnings), warnings
     assert any("trainer rank 0 did not answer" in w for w in warnings), warnings
-    assert "trainer rank 0 did not answer" in str(err.value) and "training step" in str(err.value)
+    # the frozen rank is named whichever wait timed out first (its train step, or the sync after it)
+    assert "trainer rank 0 did not answer" in str(err.value)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
-import threading
 import time
 from typing import Any
 
@@ -78,7 +77,6 @@ class RewardProcesses:
         self.ctx = mp.get_context("spawn")  # no fork of a process that holds threads (Ray, vLLM)
         self.idle: asyncio.Queue[_Proc] | None = None
         self.size = size
-        self._lock = threading.Lock()
 
     async def _get(self) -> _Proc:
         if self.idle is None:  # made on the loop that calls

@@ -60,13 +60,11 @@ def _run(ctl) -> int:
     from rl.metrics import learning_summary, read_metrics
     from trainer.checkpoint import UnsafeCheckpoint
 
+    from rl.recovery import run_with_restarts
+
     stop = SignalStop()
     try:
-        try:
-            ctl.build()
-            ctl.run()
-        finally:
-            ctl.shutdown()
+        ctl = run_with_restarts(ctl)  # a dead trainer rank or storage unit: goes on from the last checkpoint
     except KeyboardInterrupt:
         print(stop.report(ctl.run_dir), file=sys.stderr, flush=True)
         return stop.exit_code()
@@ -76,7 +74,12 @@ def _run(ctl) -> int:
     finally:
         stop.restore()
     summary = learning_summary(read_metrics(ctl.run_dir))
-    print(f"\nrun directory: {ctl.run_dir}" + (f" (resumed at step {ctl.start_step})" if ctl.resume else ""))
+    from rl.recovery import read_restarts
+
+    restarts = read_restarts(ctl.run_dir)
+    print(f"\nrun directory: {ctl.run_dir}" + (f" (resumed at step {ctl.start_step})" if ctl.resume else "")
+          + (f"; restarted {len(restarts)} time(s) from a checkpoint after a fault ({ctl.run_dir / 'restarts.jsonl'})"
+             if restarts else ""))
     if summary:
         print(f"reward: first 10% of steps {summary['first10']:.3f} -> last 10% {summary['last10']:.3f} "
               f"(gain {summary['gain']:+.3f} over {summary['steps']} steps)")

@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 
@@ -37,7 +37,7 @@ from rl.resume import TRAINED, Resume, refuse_existing_run, require_checkpoint
 from rl.core.scoring import WRITE_FIELDS
 from rl.reward_worker import RewardActor
 from rl.core.staleness import StalenessBudget
-from rl.core.waits import WaitTimeout, wait
+from rl.core.waits import WaitTimeout, await_, wait
 from rl.watchdog import Watchdog
 from rl.weight_sync import WeightSync
 from rollout.router import RolloutRouter
@@ -98,12 +98,18 @@ def ray_listen_args(host: str) -> dict[str, Any]:
 def spawn_rollout_workers(r: Recipe, model_path: str, store: DataStore, device: str,
                           where: Placement) -> list[ray.actor.ActorHandle]:
     """One RolloutWorker per engine on its placement bundle."""
+    return [spawn_rollout_worker(r, i, model_path, store, device, where) for i in range(len(where.bundles))]
+
+
+def spawn_rollout_worker(r: Recipe, i: int, model_path: str, store: DataStore, device: str,
+                         where: Placement) -> ray.actor.ActorHandle:
+    """The RolloutWorker of engine i, on its placement bundle (also the replacement of a dead one)."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    return [RolloutActor.options(num_gpus=where.gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(where.pg, b))
-            .remote(i, model_path, r.rollout, store, PARTITION, r.model.dtype, device, r.seed,
-                    r.resources.wait_timeout_s, sleep_mode=r.resources.placement == "timeshare",
-                    visible_devices=where.devices_of(i), reward=r.reward) for i, b in enumerate(where.bundles)]
+    return RolloutActor.options(num_gpus=where.gpus,
+                                scheduling_strategy=PlacementGroupSchedulingStrategy(where.pg, where.bundles[i])) \
+        .remote(i, model_path, r.rollout, store, PARTITION, r.model.dtype, device, r.seed, r.resources.wait_timeout_s,
+                sleep_mode=r.resources.placement == "timeshare", visible_devices=where.devices_of(i), reward=r.reward)
 
 
 class Controller:
@@ -160,7 +166,7 @@ class Controller:
                                            run_dir=self.run_dir)
         engines_at, trainer_at, found = plan(r, self.device, self.model_path)
         log.info("placement: %s", describe(found))
-        self.engine_pg = engines_at.pg
+        self.engine_pg, self.engines_at = engines_at.pg, engines_at
         self.rollouts = spawn_rollout_workers(r, self.model_path, self.store, self.device, engines_at)
         self.rewarders = [] if r.reward.inline else \
             [RewardActor.remote(i, r.reward, self.store, PARTITION) for i in range(r.reward.num_workers)]
@@ -183,7 +189,8 @@ class Controller:
         self.weights.open()
         if ckpt is not None:  # the engines loaded the base model: what they generate must be the checkpoint's
             asyncio.run(self.weights.push())
-        self.router = RolloutRouter(self.rollouts, r.rollout.max_tokens, self.timeout)
+        self.router = RolloutRouter(self.rollouts, r.rollout.max_tokens, self.timeout, respawn=self._respawn,
+                                    max_respawns=r.resources.max_restarts)
         self.weights.router = self.router
         self.watchdog = Watchdog(self.trainer.ranks, self.rollouts, r.resources.stall_warn_s)
         settle()
@@ -209,7 +216,7 @@ class Controller:
                     if deferred is not None:  # the last step's record, written while this step trains
                         records.append(await self._record(metrics, deferred, stages))
                         deferred = None
-                    result = await self._watched(train, f"training step {step}", stages)
+                    result = await self._train(step, train, stages)
                 self._record_trained(step, result)
                 m = result.metrics
                 with metrics.phase("sync", actor="trainer"):
@@ -241,6 +248,37 @@ class Controller:
         (self.run_dir / "summary.json").write_text(json.dumps(learning_summary(read_metrics(self.run_dir)), indent=2))
         return records
 
+    async def _train(self, step: int, train: asyncio.Future, stages: "Stages") -> StepResult:
+        """The step's result. While it waits for its batch and an engine that came back (restarted or
+        replaced) waits for the current weights, the step gives way (TrainerWorker.ask_yield), the weights
+        are pushed, and the step is asked again: with no other engine its batch could come only from that one."""
+        nudge = None if self.colocation.enabled else self._give_way_if_needed
+        result = await self._watched(train, f"training step {step}", stages, nudge)
+        while result.yielded:
+            self._record_trained(step, result)  # the rows it dropped as too stale before it gave way
+            log.warning("step %d gave way to a weight sync for the engines that came back", step)
+            await self._watched(self.weights.push(), f"the weight sync for engines that came back, before step {step}",
+                                stages)
+            result = await self._watched(self.trainer.train_step(step), f"training step {step}", stages, nudge)
+        return result
+
+    def _give_way_if_needed(self) -> None:
+        """Each second of a step: an engine that came back waits for the weights, so ask the step to give way."""
+        if self.router.waiting_for_weights():
+            self.trainer.ask_yield()
+
+    async def _respawn(self, i: int) -> ray.actor.ActorHandle:
+        """A new rollout worker in place of engine i's dead one, started (the router gives it work once a
+        weight sync has reached it)."""
+        try:
+            ray.kill(self.rollouts[i], no_restart=True)
+        except Exception:
+            pass
+        w = spawn_rollout_worker(self.recipe, i, self.model_path, self.store, self.device, self.engines_at)
+        info = await await_(w.start.remote(), self.timeout, "vLLM engine start", f"the new rollout worker {i}")
+        log.warning("rollout worker %d: a new engine started (%s)", i, info)
+        return w
+
     def _stages(self, metrics: MetricsLogger) -> "Stages":
         r = self.recipe
         evaluator = Evaluator.from_recipe(r, self.prompts, self.format_prompt, self.tokenizer, self.router,
@@ -263,6 +301,8 @@ class Controller:
     def _record_trained(self, step: int, result: StepResult) -> None:
         """Which rows the step trained on and dropped (as too stale): the resume record, one line a step."""
         trained, dropped = result.trained, result.dropped
+        if not trained and not dropped:
+            return
         self.budget.on_drop(len(dropped) // self.recipe.rollout.group_size)
         with open(self.run_dir / TRAINED, "a") as f:
             f.write(json.dumps({"step": step, "trained": trained, "dropped": dropped}) + "\n")
@@ -291,11 +331,11 @@ class Controller:
             out = await asyncio.to_thread(self.trainer.export_hf, self.run_dir / "final_model")
             log.info("final model: %s", out)
 
-    async def _watched(self, aw: Any, what: str, stages: "Stages") -> Any:
+    async def _watched(self, aw: Any, what: str, stages: "Stages", nudge: Callable[[], None] | None = None) -> Any:
         """Await `aw` (the loop's waits: a train step, a sync, a step's metrics) unless a background stage
         fails first: then that stage's error is the one raised. A wait that makes no progress for
         `resources.stall_warn_s` gets the watchdog's diagnosis (which actor is stuck, where), logged and
-        joined to the timeout's error."""
+        joined to the timeout's error. `nudge` is called every second of the wait."""
         fut = asyncio.ensure_future(aw)
         started = warned = time.monotonic()
         while True:
@@ -308,6 +348,8 @@ class Controller:
                     if timed_out and self.watchdog.last:
                         raise WaitTimeout(f"{exc}\nThe watchdog's last look: {self.watchdog.last}") from exc
                     raise
+            if nudge is not None:
+                nudge()
             failed = stages.error()
             if failed is not None:
                 fut.cancel()

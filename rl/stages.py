@@ -20,7 +20,7 @@ from rl.evaluation import Evaluator
 from rl.metrics import MetricsLogger
 from rl.schedule import Feeder, GroupFilter, SpanCollector
 from rl.core.staleness import StalenessBudget
-from rl.core.waits import await_
+from rl.core.waits import PeerDied, await_
 from rl.reward_worker import death_cause
 from rollout.records import RolloutStats
 from rollout.router import RolloutRouter
@@ -100,13 +100,12 @@ class Stages:
         """Throughput of each stage since the last step, rewards' extras, queue depths, staleness budget."""
         now = time.time()
         dt = max(now - self.last["t"], 1e-9)
-        rollout: list[RolloutStats] = await await_([w.stats.remote() for w in self.rollouts], self.timeout, "stats",
-                                                   "rollout workers")
+        rollout = await self._rollout_stats()
         rewards = await await_([w.stats.remote() for w in self.rewarders], self.timeout, "stats", "reward workers") \
             if self.rewarders else [s.reward for s in rollout]  # reward.inline: the rollout workers scored
         await self.spans.collect()
         tokens = sum(s.tokens_out for s in rollout)
-        gc_s = max(s.gc_seconds for s in rollout)
+        gc_s = max((s.gc_seconds for s in rollout), default=0.0)
         for s in rollout:  # a rollout actor's loop held for long delays every call to it (weight updates too)
             for st in s.loop_stalls[:1]:
                 log.warning("rollout worker %d: its event loop was held for %.2f s; the loop thread was at:\n%s",
@@ -114,14 +113,16 @@ class Stages:
         scored, errors = sum(s.scored for s in rewards), sum(s.errors for s in rewards)
         out: dict[str, Any] = {
             "throughput/samples_per_s": m.get("samples", 0) / dt,
-            "throughput/gen_tokens_per_s": (tokens - self.last["tokens"]) / dt,
-            "throughput/rewarded_per_s": (scored - self.last["scored"]) / dt,
-            "reward/errors": errors - self.last["errors"],
+            "throughput/gen_tokens_per_s": max(0, tokens - self.last["tokens"]) / dt,  # 0 when a worker was replaced
+            "throughput/rewarded_per_s": max(0, scored - self.last["scored"]) / dt,
+            "reward/errors": max(0, errors - self.last["errors"]),
             "reward/abandoned_calls": sum(s.abandoned for s in rewards),  # so far: calls given up at their timeout
-            "rollout/gc_pause_s": gc_s - self.last["gc"],  # the busiest engine's collector pauses since the last step
-            "rollout/loop_lag_max_s": max(s.loop_lag_max_s for s in rollout),
+            "rollout/gc_pause_s": max(0.0, gc_s - self.last["gc"]),  # the busiest engine's collector pauses since the last step
+            "rollout/loop_lag_max_s": max((s.loop_lag_max_s for s in rollout), default=0.0),
             "rollout/groups_running": self.budget.running, "rollout/groups_started": self.feeder.next_group,
             "rollout/groups_dropped": self.budget.dropped, "rollout/engine_failures": len(self.router.failures),
+            "rollout/workers_replaced": sum(self.router.respawns),
+            "rollout/engines_restarted": sum(self.router.engine_restarts),
         }
         extras: dict[str, list[float]] = {}
         for s in rewards:
@@ -139,6 +140,22 @@ class Stages:
         except Exception as exc:  # observability must not stop training
             log.warning("data store metrics unavailable: %s", exc)
         self.last = {"t": now, "tokens": tokens, "scored": scored, "errors": errors, "gc": gc_s}
+        return out
+
+    async def _rollout_stats(self) -> list[RolloutStats]:
+        """The stats of every live rollout worker. One that died is handed to the router (which replaces it)
+        and left out; one being replaced is left out until it is back. Counters restart with a new worker."""
+        live = [i for i in range(len(self.rollouts)) if self.router.healthy[i]]
+        answers = await asyncio.gather(*[await_(self.rollouts[i].stats.remote(), self.timeout, "stats",
+                                                f"rollout worker {i}") for i in live], return_exceptions=True)
+        out: list[RolloutStats] = []
+        for i, a in zip(live, answers):
+            if isinstance(a, PeerDied):
+                self.router.worker_died(i, str(a))
+            elif isinstance(a, BaseException):
+                raise a
+            else:
+                out.append(a)
         return out
 
     async def stop(self) -> None:

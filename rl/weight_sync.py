@@ -4,6 +4,8 @@ The protocol (docs/weights.md): the trainer's rank 0 opens a channel that every 
 joins once; each sync then runs the trainer's send and every engine's receive at once on a streaming channel
 (gloo, nccl, ipc: one broadcast group, the version travels in band), or lets the engines read the file once
 the trainer has written it (shm). An engine restarted since the channel formed makes it form again first.
+A rollout worker that dies during a sync is handed to the router (which replaces it) and the sync goes on
+with the others: the channel forms again without it and the push is made once more.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import ray
 
 from rl.core.transport import ChannelSpec, WeightHandle, pick_transport
-from rl.core.waits import WaitTimeout, await_, wait
+from rl.core.waits import PeerDied, WaitTimeout, await_, wait
 from rollout.records import UpdateReport
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,42 @@ class WeightSync:
 
     async def push(self, probe: bool = False) -> dict[str, float]:
         """Push the trainer's weights to every live engine and return the sync's metrics. `probe` moves as
-        many bytes and loads nothing (the benchmark's link baseline)."""
+        many bytes and loads nothing (the benchmark's link baseline). An engine whose worker died during
+        the sync is left to the router; the others get the weights."""
+        try:
+            return await self._push(probe)
+        except RuntimeError as exc:
+            lost = await self._lost() if self.router is not None else set()
+            if not lost:
+                raise
+            log.error("weight sync: rollout engines %s went down during it (%s); the others get the weights again",
+                      sorted(lost), exc)
+            self.channel = None  # its group had the lost members: it forms again without them
+            m = await self._push(probe)
+            self.trainer.failed = False  # the send failed on the engines' side; the retry ran on every trainer rank
+            m["sync/engines_lost"] = float(len(lost))
+            return m
+
+    async def _lost(self) -> set[int]:
+        """Engines of the channel (or live) that are down now, each handed to the router: a dead rollout
+        worker to be replaced, a dead engine to be restarted in its worker."""
+        engines = sorted(set(self.engines) | set(self._live()))
+        answers = await asyncio.gather(*[await_(self.rollouts[i].health.remote(), 30, "its health",
+                                                f"rollout worker {i}") for i in engines], return_exceptions=True)
+        lost = set()
+        for i, a in zip(engines, answers):
+            if isinstance(a, PeerDied):
+                self.router.worker_died(i, str(a))
+            elif isinstance(a, tuple) and not a[0]:
+                self.router.engine_failed(i, a[1])
+            elif not (self.router.healthy[i] and not self.router.needs_weights[i]):
+                pass  # already down or back and waiting for these weights: left to the router
+            else:
+                continue
+            lost.add(i)
+        return lost
+
+    async def _push(self, probe: bool) -> dict[str, float]:
         t0 = time.perf_counter()
         engines, router = self._live(), self.router
         if not engines:  # every engine is down or restarting: the first sync after a restart brings it up to date

@@ -102,6 +102,7 @@ class RolloutWorker:
         self.fields = SAMPLE_FIELDS + (WRITE_FIELDS if inline else [])
         self.eval_reward: Any = None  # the eval reward caller (`eval.reward_fn`), made on the first eval call
         self.eval_reward_fn = ""
+        self.updating: asyncio.Task | None = None  # the weight update in progress
 
     async def start(self) -> dict[str, Any]:
         """Build the engine; returns how long that took."""
@@ -336,6 +337,8 @@ class RolloutWorker:
     async def restart_engine(self) -> dict[str, Any]:
         """Replace a dead engine with a fresh one (at the model directory's weights: the controller's
         next weight sync brings it to the current version before it gets work again)."""
+        if self.updating is not None and not self.updating.done():  # it holds the gate the new engine's
+            self.updating.cancel()  # warm-up request needs, waiting on an engine that will never answer
         if self.engine is not None:
             try:
                 self.engine.shutdown()
@@ -383,6 +386,13 @@ class RolloutWorker:
         the bytes and loads nothing."""
         asked = handle.meta.get("asked_at")
         dispatch = max(time.time() - asked, 0.0) if asked else 0.0  # from the controller's call to here
+        self.updating = asyncio.current_task()  # restart_engine cancels it: a dead engine never answers it
+        try:
+            return await self._update_weights(handle, dispatch)
+        finally:
+            self.updating = None
+
+    async def _update_weights(self, handle: WeightHandle, dispatch: float) -> UpdateReport:
         async with self.update_lock:
             t0 = time.perf_counter()
             cut, t_pause = self.active, 0.0
@@ -457,6 +467,11 @@ class RolloutWorker:
             self.busy_since = now
         out, self.events = self.events, []
         return out
+
+    async def health(self) -> tuple[bool, str]:
+        """Whether its engine is up (False once the EngineCore died, until restart_engine), and why not."""
+        up = self.healthy and self.engine is not None and not getattr(self.engine, "errored", False)
+        return up, "" if up else (self.last_error or "its vLLM engine is down")
 
     async def stats(self) -> RolloutStats:
         loop = self.loop_watch.take()

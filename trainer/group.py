@@ -69,7 +69,9 @@ class TrainerGroup:
             also = f" (ranks {dead} are all gone)" if len(dead) > 1 else ""
             return PeerDied(f"trainer rank {dead[0]} died while we waited for {what}{also}: {cause}.{hint}")
         r = min(failures)
-        return TrainerRankError(f"trainer rank {r} failed during {what}: {failures[r]}\n{hint.strip()}")
+        err = TrainerRankError(f"trainer rank {r} failed during {what}: {failures[r]}\n{hint.strip()}")
+        err.__cause__ = failures[r]  # what it failed on (a dead storage unit, say) stays findable
+        return err
 
     def _timeout(self, what: str, waited: float, ranks: list[int]) -> WaitTimeout:
         self.failed = True
@@ -144,6 +146,11 @@ class TrainerGroup:
         refs = [r.train_step.remote(step) for r in self.ranks]
         out = await self._all_async(refs, f"training step {step}", self.timeout * 2)
         return out[0]
+
+    def ask_yield(self) -> None:
+        """Ask the running step to give way if it is still waiting for its batch (TrainerWorker.ask_yield);
+        rank 0 decides for every rank. Fire and forget: the step's answer says whether it did."""
+        self.ranks[0].ask_yield.remote()
 
     # ------------------------------------------------------------------ the weight channel
     def open_weight_channel(self, kind: str, num_receivers: int) -> ChannelSpec:

@@ -59,6 +59,10 @@ class StepResult:
     metrics: dict[str, Any]
     trained: list[int] = field(default_factory=list)
     dropped: list[int] = field(default_factory=list)
+    yielded: bool = False  # the step gave way before claiming a batch (`ask_yield`); call it again
+
+
+CLAIM_SLICE_S = 1.0  # rank 0 waits for the batch in slices this long, looking for a request to give way
 
 
 class TrainerWorker:
@@ -75,7 +79,16 @@ class TrainerWorker:
         self.sender: Any = None  # trainer.weights.WeightSender, made by open_weight_channel
         self.ckpt_group: Any = None
         self.pending: Optional[tuple[Path, concurrent.futures.Future]] = None  # checkpoint being written
+        self.yield_asked = threading.Event()
         torch.set_num_threads(recipe.trainer.threads_per_rank)
+
+    @ray.method(concurrency_group="watch")
+    def ask_yield(self) -> None:
+        """Answered beside a running step: if the step is still waiting for its batch, it returns without
+        training (`StepResult.yielded`) so the controller can sync weights first. Why: an engine restarted
+        mid-run gets work only once it holds the current weights, and with no other engine the batch the
+        step waits for can come only from it."""
+        self.yield_asked.set()
 
     @ray.method(concurrency_group="watch")
     def where(self) -> str:
@@ -109,19 +122,26 @@ class TrainerWorker:
         return {"rank": self.rank, "params": param_count(self.model), "setup_seconds": time.perf_counter() - t0}
 
     # ------------------------------------------------------------------ step
-    def _claim(self, step: int) -> tuple[Take, list[int]]:
+    def _claim(self, step: int) -> tuple[Optional[Take], list[int]]:
         """Rank 0 drops groups past the staleness bound, then claims B whole groups of version >=
-        oldest_trainable(step) from the store; every rank learns the claim. Returns it and the rows dropped."""
+        oldest_trainable(step) from the store; every rank learns the claim. Returns it (None when the
+        controller asked the step to give way before a batch came: `ask_yield`) and the rows dropped."""
         n = self.recipe.rollout.group_size
         box: list[Any] = [None]
         if self.rank == 0:
             floor = oldest_trainable(step, self.recipe.algorithm.eta)
             dropped = self.store.discard(CONSUMER, self.partition, {"version": ("<", floor)}, group_size=n)
             fields = TRAIN_FIELDS + (["accepted"] if self.recipe.algorithm.dynamic_sampling else [])
-            take = self.store.take(CONSUMER, self.partition, fields, self.recipe.trainer.batch_groups * n,
-                                   group_size=n, where={"version": (">=", floor)},
-                                   timeout=self.recipe.resources.wait_timeout_s)
-            box[0] = (take, dropped) if take is not None else RuntimeError(
+            take, deadline = None, time.monotonic() + self.recipe.resources.wait_timeout_s
+            self.yield_asked.clear()  # a request made while the last step computed is stale (it is asked again)
+            while take is None and time.monotonic() < deadline and not self.yield_asked.is_set():
+                take = self.store.take(CONSUMER, self.partition, fields, self.recipe.trainer.batch_groups * n,
+                                       group_size=n, where={"version": (">=", floor)},
+                                       timeout=max(0.01, min(CLAIM_SLICE_S, deadline - time.monotonic())))
+            if take is None and self.yield_asked.is_set():
+                box[0] = (None, dropped)
+            else:
+                box[0] = (take, dropped) if take is not None else RuntimeError(
                 f"Timed out after {self.recipe.resources.wait_timeout_s:.0f} s waiting for "
                 f"{self.recipe.trainer.batch_groups} complete groups (fields {TRAIN_FIELDS}, version >= {floor}) "
                 f"from the data store for step {step}: are the rollout and reward workers alive? see their logs")
@@ -147,6 +167,8 @@ class TrainerWorker:
         assert self.engine is not None, "setup() first"
         t0 = time.perf_counter()
         take, dropped = self._claim(step)
+        if take is None:  # gave way: the controller records the rows dropped and calls again
+            return StepResult({}, dropped=list(dropped) if self.rank == 0 else [], yielded=True)
         t_wait = time.perf_counter() - t0
         share = self._my_share(take)
         columns = self.store.fetch(self.partition, share, TRAIN_FIELDS).to_pydict()

@@ -241,6 +241,9 @@ class ResourcesConfig:
     #   keeps it to this machine; this machine's IP (or 0.0.0.0: Ray's own default) lets other nodes join
     wait_timeout_s: float = 300.0  # every blocking wait (actor calls, store gets, syncs) gives up after this
     stall_warn_s: float = 60.0  # a step that makes no progress this long: log which actor is stuck and where (0: off)
+    max_restarts: int = 3  # recoveries inside the run: a dead rollout worker is replaced (this many times per engine),
+    #                        and after a dead trainer rank or storage unit the run goes on from its last checkpoint
+    #                        (this many times per run; needs trainer.checkpoint_every); 0: a fault ends the run
 
 
 @dataclass
@@ -495,7 +498,7 @@ def validate(recipe: Recipe) -> None:
     for key in positive:
         if not _get(recipe, key) > 0:
             raise RecipeError(f"Recipe key '{key}' must be > 0; got {_get(recipe, key)!r}")
-    for key in ("algorithm.eta", "resources.stall_warn_s"):
+    for key in ("algorithm.eta", "resources.stall_warn_s", "resources.max_restarts"):
         if _get(recipe, key) < 0:
             raise RecipeError(f"Recipe key '{key}' must be >= 0; got {_get(recipe, key)!r}")
     if recipe.trainer.batch_groups % recipe.trainer.world_size:

@@ -23,7 +23,8 @@ from datastore.stats import RateMeter
 from rl.core.waits import await_
 
 
-@ray.remote(num_cpus=0, max_concurrency=1000)
+# no task events: Ray's GCS would keep one per call of this actor's methods, all run long (issue 19)
+@ray.remote(num_cpus=0, max_concurrency=1000, enable_task_events=False)
 class StoreController:
     """Async actor: units report readiness here; consumers wait here for ready rows."""
 

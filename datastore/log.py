@@ -6,7 +6,8 @@ Layout of a log directory (documented in docs/datastore.md; it is also the user'
     <log_dir>/rows/<partition>/u<unit>-<session>-<seq>.arrows
                                                   Arrow IPC *stream* files: one record batch per put that
                                                   finished rows; columns `index`, the finished fields, and
-                                                  `_logged_at` (unix seconds)
+                                                  `_logged_at` (unix seconds); buffers zstd-compressed
+                                                  (pyarrow and other Arrow readers decompress on read)
     <log_dir>/consumed.jsonl                      {"partition", "consumer", "op": "take"|"discard",
                                                   "indexes": [...], "time"} per take of a durable consumer
 
@@ -34,6 +35,7 @@ CONSUMED = "consumed.jsonl"
 META = "store.json"
 LOGGED_AT = "_logged_at"
 SUFFIX = ".arrows"
+COMPRESSION = "zstd"  # halves the log of the CPU default (many small batches of int64 id lists; issue 19)
 
 
 def session_id() -> str:
@@ -77,7 +79,8 @@ class RowLog:
         path = folder / f"u{self.unit:03d}-{self.session}-{self.seq[partition]:04d}{SUFFIX}"
         self.seq[partition] += 1
         f = open(path, "wb")
-        w = self.writers[partition] = (f, pa.ipc.new_stream(f, schema), schema)
+        options = pa.ipc.IpcWriteOptions(compression=COMPRESSION if pa.Codec.is_available(COMPRESSION) else None)
+        w = self.writers[partition] = (f, pa.ipc.new_stream(f, schema, options=options), schema)
         return w
 
     def _close(self, partition: str) -> None:

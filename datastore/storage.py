@@ -203,7 +203,8 @@ class Shard:
         return pa.concat_arrays(pieces).take(pa.array(inverse, pa.int64()))
 
 
-@ray.remote(num_cpus=0, max_concurrency=1000)
+# no task events: Ray's GCS would keep one per call of this actor's methods, all run long (issue 19)
+@ray.remote(num_cpus=0, max_concurrency=1000, enable_task_events=False)
 class StorageUnit:
     """Async actor holding one shard. `capacity_rows` / `capacity_bytes` are this unit's share (0: none)."""
 

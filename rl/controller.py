@@ -18,6 +18,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,6 +50,7 @@ from trainer.worker import StepResult
 log = logging.getLogger(__name__)
 
 PARTITION = "train"
+RECORDS_KEPT = 200  # step records a run keeps in memory for its caller (metrics.jsonl has every step)
 QUIET_ENV = {"VLLM_LOGGING_LEVEL": "ERROR", "TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "1"}
 
 
@@ -196,11 +198,13 @@ class Controller:
         settle()
 
     async def run_async(self) -> list[dict[str, Any]]:
-        """The loop: train a step on ready groups, push the weights, log. Everything else runs beside it."""
+        """The loop: train a step on ready groups, push the weights, log. Everything else runs beside it.
+        Returns the records of the last `RECORDS_KEPT` steps: a long run's memory stays flat, and
+        metrics.jsonl (`rl.metrics.read_metrics`) has every step."""
         r = self.recipe
         metrics = MetricsLogger(self.run_dir, r.logging, r.trainer.total_steps, start_step=self.start_step)
         stages = self._stages(metrics)
-        records: list[dict[str, Any]] = []
+        records: deque[dict[str, Any]] = deque(maxlen=RECORDS_KEPT)
         error: BaseException | None = None
         deferred: tuple[int, dict[str, Any], asyncio.Future] | None = None
         try:
@@ -246,7 +250,7 @@ class Controller:
             await stages.stop()
             metrics.close(error)
         (self.run_dir / "summary.json").write_text(json.dumps(learning_summary(read_metrics(self.run_dir)), indent=2))
-        return records
+        return list(records)
 
     async def _train(self, step: int, train: asyncio.Future, stages: "Stages") -> StepResult:
         """The step's result. While it waits for its batch and an engine that came back (restarted or

@@ -83,4 +83,5 @@ def _sample(r: dict[str, Any]) -> Sample:
                   index=r["index"], finish_reason=r["finish_reason"])
 
 
-RewardActor = ray.remote(num_cpus=0, max_concurrency=100)(RewardWorker)
+# no task events: Ray's GCS would keep one per call of this actor's methods, all run long (issue 19)
+RewardActor = ray.remote(num_cpus=0, max_concurrency=100, enable_task_events=False)(RewardWorker)

@@ -52,6 +52,11 @@ class StreamRLWorkerExtension:
                 pass
         else:
             self._streamrl_load(weights)
+        if not hasattr(self, "_streamrl_heap"):
+            from rl.core.heap import HeapTrim
+
+            self._streamrl_heap = HeapTrim()
+        self._streamrl_heap.maybe()  # give freed heap back to the system every 30 s (rl/core/heap.py)
         total = time.perf_counter() - t0
         st = recv.stats
         return {"seconds": total, "version": st.get("version", h.version), "recv_s": st.get("recv_s", 0.0),

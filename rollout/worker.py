@@ -491,7 +491,8 @@ class RolloutWorker:
             self.engine = None
 
 
-RolloutActor = ray.remote(num_cpus=1, max_concurrency=10_000)(RolloutWorker)
+# no task events: Ray's GCS would keep one per call of this actor's methods, all run long (issue 19)
+RolloutActor = ray.remote(num_cpus=1, max_concurrency=10_000, enable_task_events=False)(RolloutWorker)
 
 
 def stop_workers(workers: list[Any], timeout_s: float = 60.0) -> None:

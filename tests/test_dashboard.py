@@ -132,6 +132,24 @@ class EventStream:
             raise AssertionError(f"no server-sent event from the dashboard within {timeout} s") from None
 
 
+def test_reader_memory_is_bounded_and_deltas_stay_exact(tmp_path, monkeypatch):
+    """Past MAX_METRICS records the older half is thinned (a long run's page keeps its shape in flat memory);
+    every new record still reaches an open page exactly once."""
+    monkeypatch.setattr("rl.dashboard.reader.MAX_METRICS", 10)
+    write_lines(tmp_path / "metrics.jsonl", [{"step": s} for s in range(10)])
+    reader = RunReader(tmp_path)
+    reader.refresh()
+    cursor = reader.snapshot()["cursor"]
+    write_lines(tmp_path / "metrics.jsonl", [{"step": s} for s in range(10, 13)])
+    reader.refresh()
+    snap = reader.snapshot()
+    assert len(snap["metrics"]) <= 10 and snap["cursor"]["metrics"] == 13
+    assert [m["step"] for m in snap["metrics"]][-6:] == list(range(7, 13))  # the recent half whole
+    assert [m["step"] for m in snap["metrics"]][0] == 0  # the start of the run kept
+    assert [m["step"] for m in reader.delta(cursor)["metrics"]] == [10, 11, 12]
+    assert reader.delta(snap["cursor"])["metrics"] == []
+
+
 def test_reader_takes_only_complete_appends(tmp_path):
     write_lines(tmp_path / "metrics.jsonl", [{"step": 0, "reward/mean": 0.5, "actor/kl_behaviour": float("nan")}],
                 tail='{"step": 1, "rew')  # a line still being written

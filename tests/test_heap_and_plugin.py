@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from rl.core.heap import GcClock, settle
+from rl.core.heap import GcClock, HeapTrim, settle
 
 PLUGIN_CHECK = """
 import time
@@ -52,6 +52,13 @@ def test_gc_clock_counts_full_collections_and_settle_freezes():
     finally:
         gc.callbacks.remove(clock._on_gc)
         gc.unfreeze()
+
+
+def test_heap_trim_runs_at_most_once_a_period():
+    trim = HeapTrim(every_s=3600)
+    assert not trim.maybe()  # not due: the period starts at construction
+    trim.last -= 3600
+    assert trim.maybe() == (trim._trim is not None) and not trim.maybe()  # glibc: trimmed once, then not due
 
 
 def test_loop_watch_names_the_code_that_held_the_loop() -> None:

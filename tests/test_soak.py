@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from rl.bench.soak import kind, sample_rss, slope_per_10min
+from rl.bench.soak import kind, sample_rss, slope_per_10min, step_rate
 
 
 def test_growth_is_the_least_squares_slope_per_ten_minutes():
@@ -22,6 +22,15 @@ def test_growth_is_the_least_squares_slope_per_ten_minutes():
     (["/x/raylet/raylet", "--node"], "raylet", "raylet"),
     (["VLLM::EngineCore"], "VLLM::EngineCor", "VLLM::EngineCore"),
     (["python", "-c", "from multiprocessing.spawn import spawn_main"], "python", "python (multiprocessing child)"),
+    (["python", "-c", "from multiprocessing.resource_tracker import main;main(68)"], "python",
+     "python (multiprocessing resource tracker)"),
+    # Ray's agents before they rename themselves: their arguments name the raylet, they are not the raylet
+    (["/v/bin/python", "-u", "/v/ray/dashboard/agent.py", "--raylet-name=/tmp/ray/s/sockets/raylet"], "python",
+     "dashboard_agent"),
+    (["/v/bin/python", "-u", "/v/ray/_private/runtime_env/agent/main.py", "--raylet-name=/r/raylet"], "python",
+     "runtime_env_agent"),
+    (["/v/bin/python", "/v/ray/dashboard/dashboard.py", "--host=127.0.0.1"], "python", "dashboard (Ray head)"),
+    (["/v/bin/python", "-u", "/v/ray/_private/log_monitor.py", "--gcs-address=x"], "python", "log_monitor"),
 ])
 def test_processes_are_named_by_kind(cmdline, name, expected):
     assert kind(cmdline, name) == expected
@@ -37,3 +46,9 @@ def test_rss_is_sampled_for_the_driver_and_what_it_started():
         child.kill()
         child.wait()
     assert sample_rss(child.pid) == {}  # a process gone is no error
+
+
+def test_step_rate_is_read_from_metrics_jsonl(tmp_path):
+    assert step_rate(tmp_path) == (0, 0.0)  # no metrics.jsonl yet
+    (tmp_path / "metrics.jsonl").write_text("".join(f'{{"step": {s}, "time": {100 + 0.5 * s}}}\n' for s in range(5)))
+    assert step_rate(tmp_path) == (5, pytest.approx(2.0))

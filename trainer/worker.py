@@ -304,4 +304,5 @@ def _check_trainable(versions: list[int], indexes: list[int], step: int, eta: in
                            f"which drops them, or start a fresh run directory")
 
 
-TrainerActor = ray.remote(num_cpus=1, concurrency_groups={"watch": 1})(TrainerWorker)
+# no task events: Ray's GCS would keep one per call of this actor's methods, all run long (issue 19)
+TrainerActor = ray.remote(num_cpus=1, concurrency_groups={"watch": 1}, enable_task_events=False)(TrainerWorker)

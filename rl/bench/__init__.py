@@ -54,10 +54,12 @@ def _fmt(v: Any) -> str:
 
 def run_recipe(recipe: str | None, overrides: list[str], run_dir: str) -> tuple[list[dict[str, Any]], float, float]:
     """A whole streamrl run of `recipe` + `overrides` in this process, quietly (no bar, no dashboard, no
-    final export), in `run_dir`. Returns the step records, when the training loop started (time.time())
-    and the seconds spent before it (Ray, store, engines, trainer)."""
+    final export), in `run_dir`. Returns every step's record (read back from metrics.jsonl: the controller
+    keeps only the last few in memory), when the training loop started (time.time()) and the seconds spent
+    before it (Ray, store, engines, trainer)."""
     from rl.core.config import load_recipe
     from rl.controller import Controller
+    from rl.metrics import read_metrics
 
     t0 = time.time()
     r = load_recipe(recipe, [*overrides, f"logging.run_dir={run_dir}", "logging.progress=false",
@@ -69,7 +71,7 @@ def run_recipe(recipe: str | None, overrides: list[str], run_dir: str) -> tuple[
         records = ctl.run()
     finally:
         ctl.shutdown()
-    return records, t_loop, t_loop - t0
+    return read_metrics(Path(run_dir)) or records, t_loop, t_loop - t0
 
 
 def time_to_reward(rewards: Sequence[float], ends: Sequence[float], start: float, target: float,

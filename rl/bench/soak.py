@@ -37,15 +37,27 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
 
 
+RAY_SCRIPTS = {"monitor.py": "monitor.py", "log_monitor.py": "log_monitor", "dashboard.py": "dashboard (Ray head)",
+               "agent.py": "dashboard_agent", "main.py": "runtime_env_agent"}  # Ray's Python daemons, by script
+
+
 def kind(cmdline: list[str], name: str) -> str:
-    """A readable kind for a process of the run: Ray's actors by class, its daemons by name."""
+    """A readable kind for a process of the run: Ray's actors by class, its daemons by program. Daemons are
+    told by their program (the executable, or the script a Python runs), not by any word of the command
+    line: an agent's arguments name the raylet's socket, and would count it as the raylet."""
     line = " ".join(cmdline)
     m = re.match(r"ray::(\w+)", line) or re.match(r"ray::(\w+)", name)
     if m:
         return f"ray::{m.group(1)}"
-    for daemon in ("gcs_server", "raylet", "dashboard_agent", "runtime_env_agent", "log_monitor", "monitor.py"):
-        if daemon in line:
+    programs = [os.path.basename(a) for a in cmdline[:3] if not a.startswith("-")]
+    for daemon in ("gcs_server", "raylet"):
+        if daemon in programs:
             return daemon
+    script = next((p for p in programs if p.endswith(".py")), None)
+    if script in RAY_SCRIPTS and "/ray/" in line:
+        return RAY_SCRIPTS[script]
+    if "multiprocessing.resource_tracker" in line:
+        return "python (multiprocessing resource tracker)"
     m = re.search(r"VLLM::(\w+)", line) or re.search(r"VLLM::(\w+)", name)
     if m:
         return f"VLLM::{m.group(1)}"
@@ -87,6 +99,15 @@ def slope_per_10min(ts: list[float], ys: list[float]) -> float:
     return 0.0 if var == 0 else 600.0 * sum((t - mt) * (y - my) for t, y in zip(ts, ys)) / var
 
 
+def step_rate(run_dir: Path) -> tuple[int, float]:
+    """Steps the run logged in metrics.jsonl, and steps a second between its first and last record."""
+    from rl.metrics import read_metrics
+
+    times = [r["time"] for r in read_metrics(run_dir) if isinstance(r.get("time"), (int, float))]
+    span = times[-1] - times[0] if len(times) > 1 else 0.0
+    return len(times), (len(times) - 1) / span if span > 0 else 0.0
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from rl.bench import print_table
 
@@ -114,7 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
-    steps = len((run_dir / "metrics.jsonl").read_text().splitlines()) if (run_dir / "metrics.jsonl").exists() else 0
+    steps, steps_per_s = step_rate(run_dir)
     fit = [(t, rss, d) for t, rss, d in samples if t >= warmup_s]
     kinds = sorted({k for _, rss, _ in samples for k in rss})
     rows = []
@@ -130,9 +151,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows.append({"process": "run directory (disk)", "RSS first MB": samples[0][2] if samples else 0.0,
                  "RSS last MB": samples[-1][2] if samples else 0.0, "MB / 10 min": run_dir_growth, "target": "",
                  "ok": ""})
-    print_table(rows, title=f"soak: {args.recipe} for {args.minutes:g} min ({steps} steps), growth fitted after "
-                            f"{warmup_s / 60:.1f} min, {len(fit)} of {len(samples)} samples")
-    return {"minutes": args.minutes, "steps": steps, "warmup_s": warmup_s, "samples": len(samples),
+    print_table(rows, title=f"soak: {args.recipe} for {args.minutes:g} min ({steps} steps, {steps_per_s:.2f} a "
+                            f"second), growth fitted after {warmup_s / 60:.1f} min, {len(fit)} of {len(samples)} "
+                            "samples")
+    return {"minutes": args.minutes, "steps": steps, "steps_per_s": steps_per_s, "warmup_s": warmup_s,
+            "samples": len(samples),
             "rc": proc.returncode, "growth_mb_per_10min": growth, "run_dir_mb_per_10min": run_dir_growth,
             "target_mb_per_10min": TARGET_MB_PER_10MIN,
             "over_target": sorted(k for k, g in growth.items() if abs(g) >= TARGET_MB_PER_10MIN),

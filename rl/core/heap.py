@@ -5,19 +5,52 @@ all (330 ms on the 2-core dev box). The rollout worker makes a dict and an objec
 vLLM's logprobs, so full collections come often while it generates, and each one stops that actor's event
 loop, weight updates included. `settle()` after start-up moves every object made so far out of the
 collector's view (`gc.freeze`): a full collection then walks only what the run made since. `GcClock` counts
-the collector's pauses so a stall can be told from one.
+the collector's pauses so a stall can be told from one. `HeapTrim` hands the C heap's free memory back to
+the system now and then, so resident memory counts what the process uses.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import time
+
+TRIM_EVERY_S = 30.0  # HeapTrim's default period
 
 
 def settle() -> None:
     """Collect once, then freeze what is left (call at the end of an actor's start-up)."""
     gc.collect()
     gc.freeze()
+
+
+class HeapTrim:
+    """glibc's `malloc_trim(0)`, at most every `every_s` seconds (`maybe()`); a no-op without glibc.
+
+    glibc keeps what a process frees for later, so RSS counts memory the process no longer uses. In the CPU
+    default the vLLM worker's heap takes about 100 MB more every 30 s (weight loads, generation); each trim
+    gives it back (heap 590 -> 485 MB), which lowers the worker's RSS but not its slow climb (issue 19)."""
+
+    def __init__(self, every_s: float = TRIM_EVERY_S) -> None:
+        self.every_s = every_s
+        self.last = time.monotonic()
+        self.seconds = 0.0  # spent trimming, in total
+        name = ctypes.util.find_library("c")
+        try:
+            self._trim = ctypes.CDLL(name).malloc_trim if name else None
+        except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+            self._trim = None
+
+    def maybe(self) -> bool:
+        """Trim if `every_s` passed since the last trim; True if it trimmed."""
+        now = time.monotonic()
+        if self._trim is None or now - self.last < self.every_s:
+            return False
+        self._trim(0)
+        self.last = time.monotonic()
+        self.seconds += self.last - now
+        return True
 
 
 class GcClock:

@@ -7,7 +7,9 @@ record batches of the data store's rollout log (<run_dir>/datastore, docs/datast
 
 From the rollout log it keeps per-version rewards (for the reward distribution), the most recent samples
 (for the table and its search) and the latest reward errors (their messages are in the log's `reward_info`
-column); the metrics and spans are kept whole for the charts.
+column). Memory stays flat however long the run: rewards are kept as 8-byte floats, the latest MAX_SPANS
+spans, and at most MAX_METRICS step records (past it the older half is thinned to every other step, so the
+charts keep the whole run's shape and every recent step).
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import json
 import math
 import os
 import threading
+from array import array
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -29,6 +32,7 @@ from rl.dashboard.labels import metric_label
 SAMPLE_COLUMNS = ["prompt", "response", "reward", "version", "finish_reason", "worker", "response_ids"]
 MAX_SAMPLES = 5000  # recent samples kept for the table and its search
 MAX_SPANS = 200_000  # timeline spans kept (oldest dropped first)
+MAX_METRICS = 4000  # step records kept for the charts (past it the older half is thinned: thin_older_half)
 TEXT_CHARS = 4000  # longest prompt / response text kept per sample
 REWARD_BINS = 20
 MAX_VERSION_COLUMNS = 100  # past this many policy versions the reward heatmap pools neighbouring versions
@@ -162,11 +166,12 @@ class RunReader:
         self.timeline_tail = JsonlTail(self.run_dir / "timeline.jsonl")
         self.rollout_tail = RolloutLogTail(self.run_dir / "datastore")
         self.metrics: list[dict[str, Any]] = []
+        self.metrics_total = 0  # records read so far (kept or thinned out): the delta cursor
         self.spans: list[list[Any]] = []
         self.spans_dropped = 0
         self.samples: deque[dict[str, Any]] = deque(maxlen=MAX_SAMPLES)
         self.samples_total = 0
-        self.rewards: dict[int, list[float]] = {}
+        self.rewards: dict[int, array] = {}  # version -> its samples' rewards (array('d'): 8 bytes each)
         self.errors: deque[dict[str, Any]] = deque(maxlen=MAX_ERRORS)
         self.errors_total = 0
         self.labels: dict[str, str] = {}
@@ -187,6 +192,9 @@ class RunReader:
         with self.lock:
             changed = bool(metrics or spans or samples) or status != self.status
             self.metrics.extend(metrics)
+            self.metrics_total += len(metrics)
+            if len(self.metrics) > MAX_METRICS:
+                thin_older_half(self.metrics)
             for record in metrics:
                 for key in record:
                     if key not in self.labels:
@@ -199,7 +207,7 @@ class RunReader:
             for s in samples:
                 r, v = s.get("reward"), s.get("version")
                 if isinstance(r, (int, float)) and math.isfinite(r) and isinstance(v, int):
-                    self.rewards.setdefault(v, []).append(float(r))
+                    self.rewards.setdefault(v, array("d")).append(float(r))
                 if s.get("error"):
                     self.errors.append(clean({"error": s["error"], "version": v, "index": s.get("index"),
                                               "prompt": _short(s.get("prompt")),
@@ -234,7 +242,8 @@ class RunReader:
     def delta(self, cursor: dict[str, int]) -> dict[str, Any]:
         """What was added since `cursor` (from a snapshot or the last delta)."""
         with self.lock:
-            m0 = cursor["metrics"]
+            new = min(self.metrics_total - cursor["metrics"], len(self.metrics))
+            m0 = len(self.metrics) - max(new, 0)
             s0 = max(cursor["spans"] - self.spans_dropped, 0)
             return {"kind": "delta", "name": self.name, "status": self.status, "metrics": self.metrics[m0:],
                     "spans": self.spans[s0:],
@@ -247,7 +256,7 @@ class RunReader:
                 "labels": dict(self.labels), "errors": list(reversed(self.errors)), "errors_total": self.errors_total}
 
     def _cursor(self) -> dict[str, int]:
-        return {"metrics": len(self.metrics), "spans": self.spans_dropped + len(self.spans),
+        return {"metrics": self.metrics_total, "spans": self.spans_dropped + len(self.spans),
                 "samples": self.samples_total}
 
     def _reward_dist(self) -> dict[str, Any]:
@@ -269,7 +278,15 @@ class RunReader:
                 "has_log": (self.run_dir / "datastore").exists()}
 
 
-def reward_distribution(rewards: dict[int, list[float]], max_columns: int = MAX_VERSION_COLUMNS) -> dict[str, Any]:
+def thin_older_half(records: list[Any]) -> None:
+    """Drop every other item of the list's older half, in place: a list grown past its cap shrinks by a quarter,
+    its recent half stays whole, and older stretches get sparser the older they are (a chart's shape survives)."""
+    half = len(records) // 2
+    records[:half] = records[:half:2]
+
+
+def reward_distribution(rewards: Mapping[int, Sequence[float]],
+                        max_columns: int = MAX_VERSION_COLUMNS) -> dict[str, Any]:
     """Per column of policy versions: count, mean, and the share of its samples in each reward bin.
 
     A column is one version, or, past `max_columns` versions, `width` consecutive ones pooled (500 versions

@@ -8,8 +8,11 @@ slope of a least-squares line through the samples after the warm-up (`--warmup-m
 minutes, beside the target of issue 19 (under 5 MB per 10 minutes for every process). Processes of one
 kind (e.g. several `ray::StorageUnit`) are summed.
 
-Faults on a schedule (engine, reward worker, storage unit, trainer rank kills) are not injected yet: a run
-does not survive them in place (docs/design.md, "Failures"), so a soak with them measures the first one.
+`--faults engine,rollout,storage,trainer` kills (SIGKILL) one process of each kind in turn every
+`--fault-every-min` minutes after the warm-up (rl/bench/faults.py) and reports how long the run took to get
+past the step it was at, the faults survived, and rows trained twice (must be 0). With trainer or storage
+faults the run checkpoints every 50 steps (the restart goes on from the last checkpoint). Memory growth
+with faults counts the replaced processes' start-up too.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rl.bench.faults import FaultSchedule, lineage_check, titles_below
+
 TARGET_MB_PER_10MIN = 5.0
 
 
@@ -34,6 +39,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="minutes left out of the growth fit (default: a fifth of --minutes, at most 5)")
     p.add_argument("--sample-s", type=float, default=20.0, help="seconds between samples")
     p.add_argument("--recipe", default="recipes/cpu_default.yaml")
+    p.add_argument("--faults", default="", help="comma-separated kinds to SIGKILL in turn (rl/bench/faults.py): "
+                   "engine, rollout, storage, trainer, reward; empty: none")
+    p.add_argument("--fault-every-min", type=float, default=3.0, help="minutes between faults (from the warm-up's end)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
 
 
@@ -108,14 +116,20 @@ def step_rate(run_dir: Path) -> tuple[int, float]:
     return len(times), (len(times) - 1) / span if span > 0 else 0.0
 
 
+def _title(p: Any) -> str:
+    return " ".join(p.cmdline()) + " " + p.name()
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from rl.bench import print_table
 
     warmup_s = 60.0 * (args.warmup_min or min(args.minutes / 5, 5.0))
     run_dir = Path(tempfile.mkdtemp(prefix="streamrl-soak-")) / "run"
+    faults = FaultSchedule([k for k in args.faults.split(",") if k], 60 * args.fault_every_min, max(warmup_s, 60.0))
+    ckpt = ["trainer.checkpoint_every=50", "trainer.keep_checkpoints=2"] if {"trainer", "storage"} & set(faults.kinds) else []
     cmd = [sys.executable, "-m", "rl.cli", "run", args.recipe, "trainer.total_steps=100000000",
            f"logging.run_dir={run_dir}", "logging.progress=false", "logging.dashboard=false",
-           "trainer.export_final=false", *args.overrides]
+           "trainer.export_final=false", *ckpt, *args.overrides]
     log_path = run_dir.parent / "run.log"
     t0 = time.time()
     with open(log_path, "w") as log:
@@ -126,7 +140,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 samples.append((time.time() - t0, sample_rss(proc.pid), dir_mb(run_dir)))
                 print(f"[soak] {samples[-1][0]:6.0f} s: {sum(samples[-1][1].values()):8.0f} MB RSS in "
                       f"{len(samples[-1][1])} kinds, run dir {samples[-1][2]:.1f} MB", flush=True)
+                t = time.time() - t0
+                faults.check(t, run_dir)
+                due = faults.due(t)
+                if due is not None:
+                    f = faults.inject(due, t, titles_below(proc.pid, _title), run_dir)
+                    print(f"[soak] {t:6.0f} s: fault {due}: SIGKILL pid {f.pid} at step {f.step}", flush=True)
                 time.sleep(args.sample_s)
+            faults.check(time.time() - t0, run_dir)
         finally:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -154,8 +175,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print_table(rows, title=f"soak: {args.recipe} for {args.minutes:g} min ({steps} steps, {steps_per_s:.2f} a "
                             f"second), growth fitted after {warmup_s / 60:.1f} min, {len(fit)} of {len(samples)} "
                             "samples")
+    out_faults: dict[str, Any] = {}
+    if faults.done:
+        from rl.recovery import read_restarts
+
+        print_table(faults.rows(), title="faults (SIGKILL), and how long until the run recorded a step past the "
+                                         "one it was at (a restart from a checkpoint runs the steps after it again)")
+        lineage = lineage_check(run_dir)
+        survived = sum(f.recovered_s is not None for f in faults.done if f.pid > 0)
+        print(f"faults survived {survived} of {len(faults.done)}; rows trained twice {lineage['trained_twice']} "
+              f"(must be 0); finished rows dropped as a lost lineage at a restart {lineage['lost_lineage_rows']}")
+        out_faults = {"faults": faults.rows(), "faults_survived": survived, "restarts": len(read_restarts(run_dir)),
+                      **lineage}
     return {"minutes": args.minutes, "steps": steps, "steps_per_s": steps_per_s, "warmup_s": warmup_s,
-            "samples": len(samples),
+            "samples": len(samples), **out_faults,
             "rc": proc.returncode, "growth_mb_per_10min": growth, "run_dir_mb_per_10min": run_dir_growth,
             "target_mb_per_10min": TARGET_MB_PER_10MIN,
             "over_target": sorted(k for k, g in growth.items() if abs(g) >= TARGET_MB_PER_10MIN),

@@ -82,10 +82,11 @@ class Feeder:
     async def _one(self, req: GroupRequest) -> None:
         try:
             await self.router.run_group(req)
-        except BaseException as exc:
-            if not isinstance(exc, asyncio.CancelledError):
-                self.error = exc
+        except asyncio.CancelledError:
             raise
+        except Exception as exc:  # the loop ends the run with it (Stages.error); re-raising would only log it again
+            if self.error is None:
+                self.error = exc
         finally:
             self.budget.on_finish()
             self.wake.set()

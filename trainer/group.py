@@ -227,6 +227,7 @@ class TrainerGroup:
         the others may sit in a collective, so they are ended without waiting."""
         if not self.failed:
             try:
+                self.ask_yield()  # a step still waiting for its batch (a stop mid-run) returns instead of holding the ranks
                 wait([r.shutdown.remote() for r in self.ranks], self.timeout, "shutdown (and any checkpoint write)",
                      "trainer ranks")
             except Exception:

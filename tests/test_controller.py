@@ -105,6 +105,24 @@ def lineage_to_lose(run_dir):
             and any(newest_version(r) > step for r in logged_rows(run_dir)))
 
 
+def test_a_stage_that_fails_ends_the_run_in_seconds_naming_it(ray_session, tiny_model, tmp_path):
+    """Dynamic sampling gives up (every group carries no signal): the loop, waiting on the first step, ends
+    the run at once with that stage's error, long before any wait's timeout (resources.wait_timeout_s)."""
+    recipe = load_recipe("recipes/cpu_default.yaml", overrides(
+        tiny_model, tmp_path / "f", "trainer.total_steps=50", "algorithm.dynamic_sampling=true",
+        "algorithm.dynamic_sampling_max_drops=4", f"reward.fn={HERE / 'flaky_reward.py'}:constant"))
+    ctl = Controller(recipe)
+    ctl.build()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match=r"^dynamic sampling failed while training step 0 waited: "
+                                               r"dynamic sampling dropped \d+ groups in a row"):
+            ctl.run()
+    finally:
+        ctl.shutdown()
+    assert time.monotonic() - t0 < 30 < recipe.resources.wait_timeout_s
+
+
 def test_kill_driver_then_resume(tiny_model, tmp_path):
     """kill -9 of the driver mid-run, then `streamrl resume`: every step once, every sample trained at most
     once and within eta of its step across the restart; finished samples of the checkpoint's lineage are

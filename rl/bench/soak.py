@@ -126,7 +126,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     warmup_s = 60.0 * (args.warmup_min or min(args.minutes / 5, 5.0))
     run_dir = Path(tempfile.mkdtemp(prefix="streamrl-soak-")) / "run"
     faults = FaultSchedule([k for k in args.faults.split(",") if k], 60 * args.fault_every_min, max(warmup_s, 60.0))
-    ckpt = ["trainer.checkpoint_every=50", "trainer.keep_checkpoints=2"] if {"trainer", "storage"} & set(faults.kinds) else []
+    restarts_run = {"trainer", "storage"} & set(faults.kinds)  # these restart from a checkpoint
+    ckpt = ["trainer.checkpoint_every=50", "trainer.keep_checkpoints=2"] if restarts_run else []
     cmd = [sys.executable, "-m", "rl.cli", "run", args.recipe, "trainer.total_steps=100000000",
            f"logging.run_dir={run_dir}", "logging.progress=false", "logging.dashboard=false",
            "trainer.export_final=false", *ckpt, *args.overrides]

@@ -18,8 +18,8 @@ from typing import Optional
 
 from datastore.errors import StoreActorDied, plain
 from rl.controller import Controller
-from rl.core.waits import PeerDied
 from trainer.checkpoint import latest_checkpoint
+from trainer.group import TrainerRankDied
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def restart_cause(exc: BaseException) -> Optional[str]:
     e: Optional[BaseException] = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, StoreActorDied) or (isinstance(e, PeerDied) and str(e).startswith("trainer rank")):
+        if isinstance(e, (StoreActorDied, TrainerRankDied)):
             return str(plain(e)).strip().splitlines()[0][:300]  # raised in an actor: its own message, not Ray's
         e = e.__cause__ or e.__context__
     return None

@@ -20,7 +20,7 @@ from rl.evaluation import Evaluator
 from rl.metrics import MetricsLogger
 from rl.schedule import Feeder, GroupFilter, SpanCollector
 from rl.core.staleness import StalenessBudget
-from rl.core.waits import PeerDied, await_
+from rl.core.waits import await_, died
 from rl.reward_worker import death_cause
 from rollout.records import RolloutStats
 from rollout.router import RolloutRouter
@@ -150,7 +150,7 @@ class Stages:
                                                 f"rollout worker {i}") for i in live], return_exceptions=True)
         out: list[RolloutStats] = []
         for i, a in zip(live, answers):
-            if isinstance(a, PeerDied):
+            if died(a):
                 self.router.worker_died(i, str(a))
             elif isinstance(a, BaseException):
                 raise a

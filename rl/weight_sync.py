@@ -18,7 +18,7 @@ from typing import Any
 import ray
 
 from rl.core.transport import ChannelSpec, WeightHandle, pick_transport
-from rl.core.waits import PeerDied, WaitTimeout, await_, wait
+from rl.core.waits import WaitTimeout, await_, died, wait
 from rollout.records import UpdateReport
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class WeightSync:
                       sorted(lost), exc)
             self.channel = None  # its group had the lost members: it forms again without them
             m = await self._push(probe)
-            self.trainer.failed = False  # the send failed on the engines' side; the retry ran on every trainer rank
+            self.trainer.recovered()  # the send failed on the engines' side; the retry ran on every trainer rank
             m["sync/engines_lost"] = float(len(lost))
             return m
 
@@ -85,7 +85,7 @@ class WeightSync:
                                                 f"rollout worker {i}") for i in engines], return_exceptions=True)
         lost = set()
         for i, a in zip(engines, answers):
-            if isinstance(a, PeerDied):
+            if died(a):
                 self.router.worker_died(i, str(a))
             elif isinstance(a, tuple) and not a[0]:
                 self.router.engine_failed(i, a[1])

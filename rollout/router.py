@@ -18,7 +18,7 @@ from typing import Any, Awaitable, Callable, Optional
 
 import ray
 
-from rl.core.waits import PeerDied, await_
+from rl.core.waits import PeerDied, await_, died
 from rollout.records import GroupRequest, GroupResult
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,9 @@ class RolloutRouter:
                 res = await await_(worker.generate_group.remote(pending), self.timeout_s,
                                    f"group {req.group} ({len(pending.sample_ids())} samples)", f"rollout worker {i}")
             except (PeerDied, ray.exceptions.RayActorError) as exc:
-                if isinstance(exc, ray.exceptions.RayTaskError):  # the worker lives and raised PeerDied itself
-                    raise  # (e.g. a storage unit died): not this engine's fault, another engine would fail too
-                # the worker's process died (await_ raises PeerDied): the request's samples go to another engine
+                if not died(exc):  # the worker lives and raised it (a storage unit died, say): another engine
+                    raise  # would fail the same way
+                # the worker's process died: the request's samples go to another engine
                 res = GroupResult(req.group, done=[], failed=pending.sample_ids(), error=f"actor died: {exc}",
                                   actor_died=True)
             finally:

@@ -1,8 +1,8 @@
 """TrainerGroup: the controller's one handle on all trainer ranks (a thin typed facade over Ray).
 
 Methods that fan a call out to every rank wait for all of them with the run's timeout and name the rank
-that failed: a rank that dies (its process or node gone) becomes `PeerDied("trainer rank 1 died while we
-waited for training step 7 ...")`, an exception inside a rank becomes `TrainerRankError` with the rank and
+that failed: a rank that dies (its process or node gone) becomes `TrainerRankDied` (a `PeerDied`: "trainer
+rank 1 died while we waited for training step 7 ..."), an exception inside a rank becomes `TrainerRankError` with the rank and
 the call. After either the group cannot go on (its collectives have lost a member): shut it down, build a
 new TrainerGroup and `resume_latest()` from the newest checkpoint of the run directory.
 """
@@ -31,6 +31,10 @@ SETTLE_S = 3.0  # after one rank fails, how long the others get to report (a dea
 
 class TrainerRankError(RuntimeError):
     """A trainer rank raised; the message names the rank and the call."""
+
+
+class TrainerRankDied(PeerDied):
+    """A trainer rank's process died; the message names the rank and the call."""
 
 
 class TrainerGroup:
@@ -65,9 +69,9 @@ class TrainerGroup:
                 " The trainer group cannot continue; there is no checkpoint to resume from"
                 + (" yet." if self.run_dir else " (no run_dir)."))
         if dead:
-            cause = str(failures[dead[0]]).strip().splitlines()[0][:300]
+            cause = str(failures[dead[0]]).strip().splitlines()[0][:300].rstrip(".")
             also = f" (ranks {dead} are all gone)" if len(dead) > 1 else ""
-            return PeerDied(f"trainer rank {dead[0]} died while we waited for {what}{also}: {cause}.{hint}")
+            return TrainerRankDied(f"trainer rank {dead[0]} died while we waited for {what}{also}: {cause}.{hint}")
         r = min(failures)
         err = TrainerRankError(f"trainer rank {r} failed during {what}: {failures[r]}\n{hint.strip()}")
         err.__cause__ = failures[r]  # what it failed on (a dead storage unit, say) stays findable
@@ -146,6 +150,11 @@ class TrainerGroup:
         refs = [r.train_step.remote(step) for r in self.ranks]
         out = await self._all_async(refs, f"training step {step}", self.timeout * 2)
         return out[0]
+
+    def recovered(self) -> None:
+        """A call failed for a reason outside the ranks (an engine died in a sync) and a retry ran on every
+        rank: the group can run collectives again (shutdown waits for them once more)."""
+        self.failed = False
 
     def ask_yield(self) -> None:
         """Ask the running step to give way if it is still waiting for its batch (TrainerWorker.ask_yield);

@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 
 class WaitTimeout(TimeoutError):
@@ -21,6 +21,13 @@ class WaitTimeout(TimeoutError):
 
 class PeerDied(RuntimeError):
     """The actor we were waiting on died."""
+
+
+def died(exc: BaseException) -> bool:
+    """Whether `exc` from a wait says the awaited actor's process is gone. An actor that lives and raised
+    a PeerDied of its own (say, a storage unit it called died) reaches us as Ray's `RayTaskError`, which is
+    also an instance of PeerDied: that is the actor's error, not its death."""
+    return isinstance(exc, (PeerDied, RayActorError)) and not isinstance(exc, RayTaskError)
 
 
 def _timeout_msg(what: str, whom: str, seconds: float, hint: str = "") -> str:
